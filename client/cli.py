@@ -1,0 +1,155 @@
+"""`qwen2vl-flux`: generate through the two services, run the demo, make the tiny preset."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .api import Client, GenerationResult, ServiceError
+from .errors import InvalidArgument
+from .modes import ASPECT_RATIOS, Focus, Mode
+
+DEFAULT_TINY_DIR = Path.home() / ".cache" / "qwen2vl-flux" / "tiny"
+SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
+
+
+def _progress_bar(description: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc=description, unit="step", leave=False)
+
+    def update(progress) -> None:
+        bar.total = progress.total
+        bar.n = progress.step
+        bar.refresh()
+
+    return bar, update
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", default="")
+    p.add_argument("--seed", type=int, default=None, help="default: random, printed and stored in the PNG")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--image-count", type=int, default=None)
+    p.add_argument("--aspect-ratio", default=None, choices=list(ASPECT_RATIOS))
+    p.add_argument("--width", type=int, default=None, help="variation: explicit size (multiple of 16)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--center-x", type=float, default=None, help="focus circle (all three or none)")
+    p.add_argument("--center-y", type=float, default=None)
+    p.add_argument("--radius", type=float, default=None)
+    p.add_argument("--out", default="out", help="directory for the images")
+    p.add_argument("--format", default="png", choices=["png", "webp", "jpeg", "raw"])
+
+
+def _write(result: GenerationResult, out: Path, stem: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    extension = {"jpeg": "jpg", "raw": "rgb"}.get(result.format, result.format)
+    for i, data in enumerate(result.data):
+        path = out / f"{stem}-{result.seed}-{i}.{extension}"
+        path.write_bytes(data)  # as the generator made it, parameters and versions in its metadata
+        paths.append(path)
+    return paths
+
+
+def _generate(client: Client, args, description: str = "denoise") -> GenerationResult:
+    params = {"seed": args.seed, "steps": args.steps, "guidance": args.guidance,
+              "image_count": args.image_count, "aspect_ratio": args.aspect_ratio,
+              "width": args.width, "height": args.height}
+    if getattr(args, "strength", None) is not None:
+        params["strength"] = args.strength
+    focus = Focus.from_parts(args.center_x, args.center_y, args.radius)
+    mode = Mode.parse(getattr(args, "mode", Mode.VARIATION.value))
+    bar, update = _progress_bar(description)
+    try:
+        bundle = client.encode(args.input, reference=getattr(args, "reference", None), prompt=args.prompt,
+                               focus=focus, mode=mode)
+        mask = getattr(args, "mask", None)
+        init = args.input if mode.uses_init_image else None
+        return client.generate(bundle, mode=mode, image=init, mask=mask, progress=update,
+                               output_format=args.format, **params)
+    finally:
+        bar.close()
+
+
+def cmd_generate(args) -> int:
+    with Client(encoder=args.encoder, generator=args.generator, timeout=args.timeout) as client:
+        result = _generate(client, args)
+    for path in _write(result, Path(args.out), Path(args.input).stem):
+        print(path)
+    print(f"seed {result.seed}", file=sys.stderr)
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    try:
+        from qwen2vl_flux.checkpoints.tiny import make_tiny_checkpoints
+    except ImportError as e:
+        raise SystemExit(f"making checkpoints needs the server extra: pip install 'qwen2vl-flux[server]' ({e})")
+    print(make_tiny_checkpoints(args.dir))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .launch import ServerProcess
+
+    checkpoints = Path(args.checkpoints)
+    if not (checkpoints / "flux").exists():
+        print(f"making the tiny preset in {checkpoints}", file=sys.stderr)
+        cmd_make_tiny(argparse.Namespace(dir=checkpoints))
+    servers = [ServerProcess(role, checkpoints) for role in ("encoder", "generator")]
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_serving()
+            print(f"{server.role} serving on {server.address}", file=sys.stderr)
+        args.encoder, args.generator = servers[0].address, servers[1].address
+        with Client(encoder=args.encoder, generator=args.generator, timeout=args.timeout) as client:
+            result = _generate(client, args, description="variation")
+        for path in _write(result, Path(args.out), "demo"):
+            print(path)
+    finally:
+        for server in servers:
+            server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qwen2vl-flux", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="encode an image and generate from it")
+    gen.add_argument("--mode", default=Mode.VARIATION.value, choices=[m.value for m in Mode])
+    gen.add_argument("--input", required=True, help="image a")
+    gen.add_argument("--reference", default=None, help="image b (modes other than variation)")
+    gen.add_argument("--mask", default=None, help="inpaint modes: white = repaint")
+    gen.add_argument("--strength", type=float, default=None)
+    gen.add_argument("--encoder", default="127.0.0.1:50051")
+    gen.add_argument("--generator", default="127.0.0.1:50052")
+    gen.add_argument("--timeout", type=float, default=600.0)
+    _add_generation_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    tiny = sub.add_parser("make-tiny-checkpoints", help="write the tiny random-weight preset")
+    tiny.add_argument("dir")
+    tiny.set_defaults(func=cmd_make_tiny)
+
+    demo = sub.add_parser("demo", help="tiny preset end to end: both servers, one variation, a PNG")
+    demo.add_argument("--checkpoints", default=str(DEFAULT_TINY_DIR))
+    demo.add_argument("--input", default=str(SAMPLE_IMAGE))
+    demo.add_argument("--timeout", type=float, default=600.0)
+    _add_generation_args(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ServiceError, InvalidArgument, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Image bytes in and out, as users send them. Torch-free; used by client and servers."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from .errors import InvalidArgument
+
+# Beyond this an upload is refused before it is decoded (decompression bombs).
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+def image_bytes(image: "Image.Image | bytes | str | Path") -> bytes:
+    """Bytes to send for an image: files as they are (lossless, smallest), PIL images as PNG."""
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, (str, Path)):
+        return Path(image).read_bytes()
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", compress_level=1)
+        return buf.getvalue()
+    raise TypeError(f"expected a PIL image, bytes or a path, got {type(image).__name__}")
+
+
+def decode_image(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an uploaded image to RGB: EXIF orientation applied, alpha composited
+    on white, palette/CMYK/16-bit/greyscale converted."""
+    image = _open(data, name, max_pixels)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return image.convert("I").point(lambda v: v * (1 / 257)).convert("L").convert("RGB")
+    return image.convert("RGB")
+
+
+def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    if not data:
+        raise InvalidArgument(name, f"{name} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InvalidArgument(name, f"{name} is {width}x{height} = {width * height} pixels; "
+                                            f"this server accepts at most {max_pixels}")
+            image.load()
+    except InvalidArgument:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InvalidArgument(name, f"{name} refused as a decompression bomb: {e}") from None
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise InvalidArgument(name, f"{name} is not a readable image ({type(e).__name__}: {e})") from None
+    if image.size[0] == 0 or image.size[1] == 0:
+        raise InvalidArgument(name, f"{name} has no pixels ({image.size[0]}x{image.size[1]})")
+    return image

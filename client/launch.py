@@ -1,0 +1,96 @@
+"""Start the two servers as child processes on loopback and wait until they serve.
+
+Used by `qwen2vl-flux demo` and by the tests, so both exercise the same entry
+points a user runs. Needs the server extra installed (torch, transformers, diffusers).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+
+class ServerFailed(RuntimeError):
+    """A server process exited or did not become SERVING in time."""
+
+
+class ServerProcess:
+    def __init__(self, role: str, checkpoints: str | Path, *extra_args: str, log_path: str | Path | None = None,
+                 env: dict | None = None):
+        if role not in ("encoder", "generator"):
+            raise ValueError(f"role must be encoder or generator, got {role!r}")
+        self.role, self.checkpoints, self.extra_args = role, str(checkpoints), list(extra_args)
+        self._dir = tempfile.mkdtemp(prefix=f"qwen2vl-flux-{role}-")
+        self.port_file = Path(self._dir) / "port"
+        self.log_path = Path(log_path) if log_path else Path(self._dir) / "server.log"
+        self.env = env
+        self.process: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "ServerProcess":
+        self.port_file.unlink(missing_ok=True)
+        self.port = None
+        args = [sys.executable, "-m", f"qwen2vl_flux.{self.role}_server", "--checkpoints", self.checkpoints,
+                "--host", "127.0.0.1", "--port", "0", "--port-file", str(self.port_file), *self.extra_args]
+        env = dict(os.environ, **(self.env or {}))
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def wait_serving(self, timeout: float = 180.0) -> "ServerProcess":
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if self.port is None and self.port_file.exists():
+                self.port = int(self.port_file.read_text())
+            if self.port is not None:
+                with grpc.insecure_channel(self.address) as channel:
+                    try:
+                        status = health_pb2_grpc.HealthStub(channel).Check(
+                            health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                    except grpc.RpcError:
+                        status = None
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return self
+            time.sleep(0.1)
+        raise ServerFailed(f"{self.role} did not report SERVING within {timeout:.0f} s; log: {self.log_path}\n"
+                           f"{self.log_tail()}")
+
+    def _check_alive(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            code = None if self.process is None else self.process.returncode
+            raise ServerFailed(f"{self.role} exited with code {code}; log: {self.log_path}\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

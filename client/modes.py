@@ -1,0 +1,224 @@
+"""The mode rules of Qwen2VL-Flux, in one place for the client, both servers and UIs.
+
+Which image is encoded with which focus, which embedding feeds the transformer
+and which the ControlNet, the output size rules, defaults and parameter checks
+all follow the reference model (../shared/MODEL_NOTES.md). Torch-free on purpose.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from .errors import InvalidArgument
+
+
+class Mode(str, Enum):
+    VARIATION = "variation"
+    IMG2IMG = "img2img"
+    INPAINT = "inpaint"
+    CONTROLNET = "controlnet"
+    CONTROLNET_INPAINT = "controlnet-inpaint"
+
+    @classmethod
+    def parse(cls, value: "Mode | str") -> "Mode":
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(m.value for m in cls)
+            raise InvalidArgument("mode", f"unknown mode {value!r}; expected one of {names}") from None
+
+    @property
+    def uses_init_image(self) -> bool:
+        return self is not Mode.VARIATION
+
+    @property
+    def uses_mask(self) -> bool:
+        return self in (Mode.INPAINT, Mode.CONTROLNET_INPAINT)
+
+    @property
+    def uses_controlnet(self) -> bool:
+        return self in (Mode.CONTROLNET, Mode.CONTROLNET_INPAINT)
+
+
+# Input roles: "a" is the image the mode works on, "b" the optional reference.
+ROLE_INPUT = "a"
+ROLE_REFERENCE = "b"
+
+ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "1:1": (1024, 1024),
+    "16:9": (1344, 768),
+    "9:16": (768, 1344),
+    "2.4:1": (1536, 640),
+    "3:4": (896, 1152),
+    "4:3": (1152, 896),
+}
+
+DEFAULTS: dict[str, object] = {
+    "steps": 28,
+    "guidance": 3.5,
+    "strength": 0.8,
+    "image_count": 1,
+    "aspect_ratio": "1:1",
+    "depth": True,
+    "line": True,
+    "depth_strength": 0.2,
+    "line_strength": 0.4,
+    "corrected_controlnet": False,
+}
+
+# T5 prompt tokens: padded to this length, all of them conditioning (reference).
+T5_MAX_LENGTH = 256
+MAX_STEPS = 200
+MAX_IMAGE_COUNT = 16
+# Qwen2-VL pixel budget (min = max pixels): the reference halves it when a prompt
+# adds 256 T5 tokens.
+PIXEL_BUDGET_WITH_PROMPT = 256 * 28 * 28
+PIXEL_BUDGET_WITHOUT_PROMPT = 512 * 28 * 28
+# Images larger than this are scaled down before generation (reference rule).
+MAX_GENERATION_AREA = 1_050_000
+# Control map union modes of the ControlNet, and the reference's order of maps.
+CONTROL_MODE_LINE = 0
+CONTROL_MODE_DEPTH = 2
+
+_COMMON = {"seed", "steps", "guidance", "image_count"}
+PARAMETERS_USED: dict[Mode, set[str]] = {
+    Mode.VARIATION: _COMMON | {"aspect_ratio", "width", "height"},
+    Mode.IMG2IMG: _COMMON | {"strength"},
+    Mode.INPAINT: _COMMON | {"strength"},
+    Mode.CONTROLNET: _COMMON | {"strength", "depth", "line", "depth_strength", "line_strength",
+                                "corrected_controlnet"},
+    Mode.CONTROLNET_INPAINT: _COMMON | {"strength", "depth", "line", "depth_strength",
+                                        "line_strength", "corrected_controlnet"},
+}
+ALL_PARAMETERS = set().union(*PARAMETERS_USED.values())
+
+
+def pixel_budget(prompt: str) -> int:
+    return PIXEL_BUDGET_WITH_PROMPT if prompt.strip() else PIXEL_BUDGET_WITHOUT_PROMPT
+
+
+@dataclass(frozen=True)
+class Focus:
+    """Focus circle in relative coordinates: centre in [0, 1], radius in (0, 1]."""
+
+    center_x: float
+    center_y: float
+    radius: float
+
+    def __post_init__(self):
+        for name in ("center_x", "center_y", "radius"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+                raise InvalidArgument(name, f"{name} must be a number within [0, 1], got {value!r}")
+        if self.radius <= 0.0:
+            raise InvalidArgument("radius", f"radius must be > 0, got {self.radius}")
+
+    @classmethod
+    def from_parts(cls, center_x, center_y, radius) -> "Focus | None":
+        """All three or none: a partial focus is a mistake worth reporting."""
+        given = {"center_x": center_x, "center_y": center_y, "radius": radius}
+        if all(v is None for v in given.values()):
+            return None
+        missing = [k for k, v in given.items() if v is None]
+        if missing:
+            raise InvalidArgument(missing[0], f"focus needs center_x, center_y and radius together; "
+                                              f"missing {', '.join(missing)}")
+        return cls(float(center_x), float(center_y), float(radius))
+
+
+def focus_role(mode: Mode) -> str:
+    """The image a focus applies to: image a in variation, the reference b otherwise."""
+    return ROLE_INPUT if mode is Mode.VARIATION else ROLE_REFERENCE
+
+
+def transformer_role(mode: Mode, roles: set[str]) -> str:
+    """Which image embedding conditions the FLUX transformer."""
+    if mode is not Mode.VARIATION and ROLE_REFERENCE in roles:
+        return ROLE_REFERENCE
+    return ROLE_INPUT
+
+
+def controlnet_role(mode: Mode) -> str:
+    """The ControlNet always reads image a's embedding."""
+    return ROLE_INPUT
+
+
+def generation_size(width: int, height: int) -> tuple[int, int]:
+    """Size an input image is resized to before generation (non-variation modes):
+    scaled to at most 1.05 MP, each side floored to a multiple of 8."""
+    area = width * height
+    if area > MAX_GENERATION_AREA:
+        scale = math.sqrt(MAX_GENERATION_AREA / area)
+        width, height = int(width * scale), int(height * scale)
+    return width - width % 8, height - height % 8
+
+
+def output_size(width: int, height: int) -> tuple[int, int]:
+    """What the pipeline makes of a generation size: each side floored to 16."""
+    return width - width % 16, height - height % 16
+
+
+def variation_size(params: dict) -> tuple[int, int]:
+    if params.get("width") is not None or params.get("height") is not None:
+        return int(params["width"]), int(params["height"])
+    return ASPECT_RATIOS[params["aspect_ratio"]]
+
+
+def resolve_parameters(mode: Mode, given: dict, max_pixels: int | None = None) -> tuple[dict, list[str]]:
+    """Validate what the caller set and fill in the defaults.
+
+    Returns the effective parameters of this mode and the names of parameters the
+    caller set that this mode does not use (UIs send every widget: accepted, reported).
+    """
+    unknown = set(given) - ALL_PARAMETERS
+    if unknown:
+        name = sorted(unknown)[0]
+        raise InvalidArgument(name, f"unknown parameter {name!r}")
+    used = PARAMETERS_USED[mode]
+    ignored = sorted(k for k, v in given.items() if v is not None and k not in used)
+    params = {k: DEFAULTS[k] for k in used if k in DEFAULTS}
+    params.update({k: v for k, v in given.items() if v is not None and k in used})
+
+    steps = params["steps"]
+    if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise InvalidArgument("steps", f"steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
+    guidance = params["guidance"]
+    if not math.isfinite(guidance) or guidance < 0:
+        raise InvalidArgument("guidance", f"guidance must be >= 0, got {guidance!r}")
+    count = params["image_count"]
+    if not isinstance(count, int) or not 1 <= count <= MAX_IMAGE_COUNT:
+        raise InvalidArgument("image_count",
+                              f"image_count must be an integer in 1..{MAX_IMAGE_COUNT}, got {count!r}")
+    if "strength" in params:
+        s = params["strength"]
+        if not math.isfinite(s) or not 0.0 < s <= 1.0:
+            raise InvalidArgument("strength", f"strength must be in (0, 1], got {s!r}")
+    for name in ("depth_strength", "line_strength"):
+        if name in params and (not math.isfinite(params[name]) or params[name] < 0):
+            raise InvalidArgument(name, f"{name} must be >= 0, got {params[name]!r}")
+    if "seed" in params and not 0 <= int(params["seed"]) < 2**64:
+        raise InvalidArgument("seed", f"seed must be in 0..2**64-1, got {params['seed']!r}")
+
+    if mode is Mode.VARIATION:
+        _check_variation_size(params, max_pixels)
+    return params, ignored
+
+
+def _check_variation_size(params: dict, max_pixels: int | None) -> None:
+    ratio = params["aspect_ratio"]
+    if ratio not in ASPECT_RATIOS:
+        raise InvalidArgument("aspect_ratio", f"unknown aspect_ratio {ratio!r}; expected one of "
+                                              f"{', '.join(ASPECT_RATIOS)}")
+    width, height = params.get("width"), params.get("height")
+    if (width is None) != (height is None):
+        raise InvalidArgument("width" if width is None else "height",
+                              "width and height go together (or leave both unset for aspect_ratio)")
+    if width is None:
+        return
+    for name, value in (("width", width), ("height", height)):
+        if value <= 0 or value % 16:
+            raise InvalidArgument(name, f"{name} must be a positive multiple of 16, got {value}")
+    if max_pixels is not None and width * height > max_pixels:
+        raise InvalidArgument("width", f"{width}x{height} exceeds this server's limit of "
+                                       f"{max_pixels} pixels")
