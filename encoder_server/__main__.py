@@ -1,0 +1,29 @@
+"""`qwen2vl-flux-encoder`: the encoder service process."""
+from __future__ import annotations
+
+import sys
+
+from qwen2vl_flux.serving.server import run
+from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
+from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
+
+
+def _add_servicer(server, host, args):
+    from .servicer import EncoderServicer
+
+    pb_grpc.add_EncoderServicer_to_server(EncoderServicer(host, args), server)
+
+
+def _make_model(checkpoints, **kwargs):
+    from .model import Qwen2VLFluxEncoder
+
+    return Qwen2VLFluxEncoder(checkpoints, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    service = pb.DESCRIPTOR.services_by_name["Encoder"].full_name
+    return run("encoder", 50051, service, argv, _add_servicer, _make_model)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The encoder half of Qwen2VL-Flux: Qwen2-VL image states (+focus) through the
+connector, T5 prompt states through t5_embedder, CLIP pooled of "". No gRPC here."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from qwen2vl_flux.checkpoints import CheckpointError, CheckpointLayout
+from qwen2vl_flux.checkpoints.projections import load_linear
+from qwen2vl_flux.client.modes import T5_MAX_LENGTH, Focus, pixel_budget
+from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
+
+# The reference's one user turn; Qwen2-VL is causal, so the image rows depend on
+# the prefix (system prompt included) and the image, not on this trailing text.
+QWEN_MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+CLIP_MAX_LENGTH = 77
+
+
+@dataclass
+class ImageEncoding:
+    role: str
+    tokens: torch.Tensor          # (1, N, joint_attention_dim), unpadded
+    grid_thw: tuple[int, int, int]
+    focus: Focus | None
+    pixel_budget: int
+
+
+@dataclass
+class Encoding:
+    images: list[ImageEncoding]
+    prompt: torch.Tensor | None   # (1, T5_MAX_LENGTH, inner_dim)
+    pooled: torch.Tensor          # (1, pooled_dim)
+
+
+def focus_weights(grid_h: int, grid_w: int, focus: Focus) -> torch.Tensor:
+    """A = clip(1 - dist / (radius * min(H', W')), 0, 1) on the merged token grid,
+    dist from (center_x*W', center_y*H') on the integer grid; float64 like the reference."""
+    ys = torch.arange(grid_h, dtype=torch.float64).view(grid_h, 1)
+    xs = torch.arange(grid_w, dtype=torch.float64).view(1, grid_w)
+    dist = torch.sqrt((xs - focus.center_x * grid_w) ** 2 + (ys - focus.center_y * grid_h) ** 2)
+    return torch.clamp(1.0 - dist / (focus.radius * min(grid_h, grid_w)), 0.0, 1.0)
+
+
+class Qwen2VLFluxEncoder:
+    def __init__(self, checkpoints: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        from transformers import AutoTokenizer, CLIPTextModel, Qwen2VLModel, T5EncoderModel
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        layout = CheckpointLayout(Path(checkpoints))
+        layout.require(layout.qwen, layout.connector, layout.t5_embedder, layout.t5, layout.t5_tokenizer,
+                       layout.clip, layout.clip_tokenizer)
+        self.device, self.dtype, self.layout = torch.device(device), dtype, layout
+
+        # Eager vision attention and eager T5 reproduce the reference bit for bit (MODEL_NOTES).
+        self.qwen = Qwen2VLModel.from_pretrained(
+            layout.qwen, dtype=dtype, attn_implementation={"text_config": "sdpa", "vision_config": "eager"},
+        ).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(layout.qwen)
+        # The PIL backend matches the reference's pixel values exactly (torchvision's does not).
+        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(layout.qwen)
+        self.prompt_text = self.tokenizer.apply_chat_template(
+            QWEN_MESSAGES, chat_template=self._chat_template(), tokenize=False, add_generation_prompt=True)
+        self.image_token_id = self.qwen.config.image_token_id
+        self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        if self.prompt_text.count(self.image_token) != 1:
+            raise CheckpointError(f"{layout.qwen}: the chat template does not place one {self.image_token}")
+        qwen_hidden = self.qwen.config.text_config.hidden_size
+        self.connector = load_linear(layout.connector, expect_in=qwen_hidden).to(self.device, dtype).eval()
+
+        self.t5_tokenizer = AutoTokenizer.from_pretrained(layout.t5_tokenizer)
+        self.t5 = T5EncoderModel.from_pretrained(layout.t5, dtype=dtype, attn_implementation="eager")
+        self.t5 = self.t5.to(self.device).eval()
+        self.t5_embedder = load_linear(layout.t5_embedder, expect_in=self.t5.config.d_model)
+        self.t5_embedder = self.t5_embedder.to(self.device, dtype).eval()
+
+        # The prompt never reaches CLIP: its pooled output of "" is a constant,
+        # computed once here; CLIP is then released.
+        clip_tokenizer = AutoTokenizer.from_pretrained(layout.clip_tokenizer)
+        clip = CLIPTextModel.from_pretrained(layout.clip, dtype=dtype).to(self.device).eval()
+        ids = clip_tokenizer([""], padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
+                             return_tensors="pt").input_ids
+        with torch.inference_mode():
+            self.pooled = clip(ids.to(self.device), output_hidden_states=False).pooler_output.clone()
+        del clip
+
+        self.fingerprint = pb.ModelFingerprint(
+            family="qwen2vl-flux", checkpoint_id=layout.checkpoint_id(), qwen_hidden_size=qwen_hidden,
+            joint_attention_dim=self.connector.out_features, inner_dim=self.t5_embedder.out_features,
+            pooled_dim=self.pooled.shape[-1], t5_max_length=T5_MAX_LENGTH)
+
+    def _chat_template(self) -> str:
+        if self.tokenizer.chat_template:
+            return self.tokenizer.chat_template
+        for name in ("chat_template.jinja", "chat_template.json"):
+            path = self.layout.qwen / name
+            if path.exists():
+                text = path.read_text()
+                return json.loads(text)["chat_template"] if name.endswith(".json") else text
+        raise CheckpointError(f"{self.layout.qwen} has no chat template (tokenizer_config.json, "
+                              "chat_template.jinja or chat_template.json)")
+
+    @torch.inference_mode()
+    def qwen_states(self, image: Image.Image, budget: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Final-layer Qwen2-VL states at the image-pad positions: (1, N, hidden)."""
+        features = self.image_processor(images=[image], size={"shortest_edge": budget, "longest_edge": budget},
+                                        return_tensors="pt")
+        grid = features["image_grid_thw"]
+        count = int(grid.prod()) // self.image_processor.merge_size ** 2
+        text = self.prompt_text.replace(self.image_token, self.image_token * count, 1)
+        input_ids = self.tokenizer(text, return_tensors="pt").input_ids.to(self.device)
+        is_image = input_ids == self.image_token_id
+        hidden = self.qwen(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+            pixel_values=features["pixel_values"].to(self.device, self.dtype),
+            image_grid_thw=grid.to(self.device), mm_token_type_ids=is_image.to(torch.int32),
+            use_cache=False,
+        ).last_hidden_state
+        t, h, w = (int(v) for v in grid[0])
+        return hidden[is_image].unsqueeze(0), (t, h, w)
+
+    @torch.inference_mode()
+    def encode_image(self, role: str, image: Image.Image, focus: Focus | None, budget: int) -> ImageEncoding:
+        states, (t, h, w) = self.qwen_states(image, budget)
+        if focus is not None:
+            merge = self.image_processor.merge_size
+            gh, gw = h // merge, w // merge
+            weights = focus_weights(gh, gw, focus).to(self.device, states.dtype)
+            states = states.view(1, gh, gw, -1) * weights[None, :, :, None]
+            states = states.view(1, gh * gw, -1)
+        return ImageEncoding(role, self.connector(states), (t, h, w), focus, budget)
+
+    @torch.inference_mode()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        # Padded to 256 with no attention mask, as the reference does: the pad
+        # tokens' states are part of the conditioning.
+        ids = self.t5_tokenizer([prompt], padding="max_length", max_length=T5_MAX_LENGTH, truncation=True,
+                                return_tensors="pt").input_ids.to(self.device)
+        return self.t5_embedder(self.t5(ids).last_hidden_state)
+
+    def encode(self, images: list[tuple[str, Image.Image, Focus | None]], prompt: str = "",
+               budget: int | None = None) -> Encoding:
+        budget = budget or pixel_budget(prompt)
+        encodings = [self.encode_image(role, image, focus, budget) for role, image, focus in images]
+        return Encoding(encodings, self.encode_prompt(prompt) if prompt.strip() else None, self.pooled)

@@ -1,0 +1,1 @@
+"""The generator service: FLUX, ControlNet and VAE behind gRPC (GPU 1)."""

@@ -1,0 +1,179 @@
+"""Thin gRPC servicer over FluxGenerator: check the bundle and parameters, run the
+job on the model thread while streaming its progress, then stream the images."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import secrets
+import threading
+import time
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from qwen2vl_flux.client.errors import InvalidArgument, ModelMismatch
+from qwen2vl_flux.client.images import DEFAULT_MAX_PIXELS, decode_image
+from qwen2vl_flux.client.modes import MAX_IMAGE_COUNT, MAX_STEPS, Mode, resolve_parameters
+from qwen2vl_flux.client.wire import mode_from_proto, params_from_proto, params_to_proto
+from qwen2vl_flux.serving.server import ModelHost, log_event, rpc_method, rpc_stream, versions
+from qwen2vl_flux.serving.tensors import from_wire
+from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
+from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
+
+from .pipeline import Conditioning, FluxGenerator, GenerationJob
+
+# Output pixels per request (all images together); larger is refused up front.
+MAX_OUTPUT_PIXELS = 16 * 1024 * 1024
+PNG_METADATA_KEY = "qwen2vl-flux"
+
+
+def _padded(message: pb.PaddedTensor, name: str, width: int, device, dtype) -> torch.Tensor:
+    tensor = from_wire(message.tensor, name)
+    if tensor.dim() != 3 or tensor.shape[0] != 1 or tensor.shape[2] != width:
+        raise InvalidArgument(name, f"{name}: expected shape (1, N, {width}), got {list(tensor.shape)}")
+    if not 0 < message.valid_length <= tensor.shape[1]:
+        raise InvalidArgument(name, f"{name}: valid_length {message.valid_length} outside 1..{tensor.shape[1]}")
+    # Trim the wire padding: the image must equal the unpadded one.
+    return tensor[:, :message.valid_length].to(device, dtype)
+
+
+def conditioning_from_bundle(bundle: pb.EmbeddingBundle, model: FluxGenerator) -> Conditioning:
+    mine, theirs = model.fingerprint, bundle.fingerprint
+    if mine != theirs:
+        raise ModelMismatch(
+            "bundle was made by another model: encoder fingerprint "
+            f"[{_describe(theirs)}], this generator [{_describe(mine)}]; point both servers at one checkpoint")
+    fp, device, dtype = mine, model.device, model.dtype
+    images = {}
+    for i, item in enumerate(bundle.images):
+        if item.role in images:
+            raise InvalidArgument("bundle", f"bundle has two embeddings for image {item.role!r}")
+        images[item.role] = _padded(item.tokens, f"bundle.images[{i}]", fp.joint_attention_dim, device, dtype)
+    if "a" not in images:
+        raise InvalidArgument("bundle", "bundle has no embedding of image 'a'")
+    prompt = None
+    if bundle.HasField("prompt"):
+        prompt = _padded(bundle.prompt, "bundle.prompt", fp.inner_dim, device, dtype)
+    pooled = from_wire(bundle.pooled, "bundle.pooled")
+    if list(pooled.shape) != [1, fp.pooled_dim]:
+        raise InvalidArgument("bundle.pooled", f"bundle.pooled: expected (1, {fp.pooled_dim}), "
+                                               f"got {list(pooled.shape)}")
+    return Conditioning(images, prompt, pooled.to(device, dtype))
+
+
+def _describe(fp: pb.ModelFingerprint) -> str:
+    return (f"{fp.family} id={fp.checkpoint_id} qwen={fp.qwen_hidden_size} joint={fp.joint_attention_dim} "
+            f"inner={fp.inner_dim} pooled={fp.pooled_dim}")
+
+
+def encode_output(image: Image.Image, options: pb.OutputOptions, metadata: dict) -> tuple[int, bytes]:
+    fmt = options.format or pb.PNG
+    buf = io.BytesIO()
+    text = json.dumps(metadata, sort_keys=True)
+    if fmt == pb.PNG:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(PNG_METADATA_KEY, text)
+        level = options.png_compress_level if options.HasField("png_compress_level") else 4
+        if level > 9:
+            raise InvalidArgument("png_compress_level", f"png_compress_level must be 0..9, got {level}")
+        image.save(buf, format="PNG", pnginfo=info, compress_level=level)
+    elif fmt in (pb.JPEG, pb.WEBP):
+        quality = options.quality if options.HasField("quality") else 95
+        if not 1 <= quality <= 100:
+            raise InvalidArgument("quality", f"quality must be 1..100, got {quality}")
+        exif = Image.Exif()
+        exif[0x010E] = text  # ImageDescription
+        image.save(buf, format="JPEG" if fmt == pb.JPEG else "WEBP", quality=quality, exif=exif)
+    elif fmt == pb.RAW_RGB8:
+        buf.write(image.convert("RGB").tobytes())
+    else:
+        raise InvalidArgument("format", f"unknown output format {fmt}")
+    return fmt, buf.getvalue()
+
+
+class GeneratorServicer(pb_grpc.GeneratorServicer):
+    def __init__(self, host: ModelHost, args):
+        self.host = host
+        self.args = args
+        self.max_pixels = DEFAULT_MAX_PIXELS
+
+    def _job(self, request: pb.GenerateRequest, model: FluxGenerator) -> GenerationJob:
+        mode = mode_from_proto(request.mode)
+        given = params_from_proto(request.params)
+        if given.get("seed") is None:
+            given["seed"] = secrets.randbelow(2**32)
+        params, ignored = resolve_parameters(mode, given, max_pixels=MAX_OUTPUT_PIXELS)
+        conditioning = conditioning_from_bundle(request.bundle, model)
+        init_image = mask = None
+        if mode.uses_init_image:
+            init_image = decode_image(request.init_image.data, "init_image", self.max_pixels)
+        if mode.uses_mask:
+            mask = decode_image(request.mask.data, "mask", self.max_pixels)
+        return GenerationJob(mode, params, conditioning, init_image, mask, ignored)
+
+    @rpc_stream
+    async def Generate(self, request: pb.GenerateRequest, context):
+        received = time.perf_counter()
+        model = self.host.require()
+        job = await asyncio.to_thread(self._job, request, model)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        denoise_start = [0.0]
+
+        def on_step(step: int, total: int) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (step, total))
+
+        def work():
+            denoise_start[0] = time.perf_counter()
+            return model.generate(job, on_step=on_step, cancelled=stop.is_set)
+
+        task = asyncio.ensure_future(self.host.run(work))
+        try:
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    step, total = getter.result()
+                    yield pb.GenerateEvent(progress=pb.Progress(
+                        step=step, total=total, stage="denoise",
+                        elapsed_seconds=time.perf_counter() - denoise_start[0]))
+                    continue
+                getter.cancel()
+                while not events.empty():
+                    step, total = events.get_nowait()
+                    yield pb.GenerateEvent(progress=pb.Progress(step=step, total=total, stage="denoise"))
+                break
+            images = task.result()
+        finally:
+            if not task.done():
+                stop.set()
+                log_event("stopping generation", request_id=request.request_id)
+
+        start = time.perf_counter()
+        metadata = {"mode": job.mode.value, "parameters": job.params, "versions": versions()}
+        for index, image in enumerate(images):
+            fmt, data = await asyncio.to_thread(encode_output, image, request.output,
+                                                dict(metadata, index=index))
+            yield pb.GenerateEvent(image=pb.GeneratedImage(index=index, format=fmt, data=data,
+                                                           width=image.width, height=image.height))
+        job.timings["image_encode"] = time.perf_counter() - start
+        yield pb.GenerateEvent(summary=pb.GenerationSummary(
+            request_id=request.request_id, mode=request.mode, effective=params_to_proto(job.params),
+            ignored_parameters=job.ignored, width=images[0].width, height=images[0].height,
+            timings=pb.Timings(prepare_seconds=job.timings.get("prepare", 0.0),
+                               denoise_seconds=job.timings.get("denoise", 0.0),
+                               decode_seconds=job.timings.get("decode", 0.0),
+                               image_encode_seconds=job.timings["image_encode"],
+                               total_seconds=time.perf_counter() - received)))
+
+    @rpc_method
+    async def GetInfo(self, request, context) -> pb.ServerInfo:
+        model = self.host.require()
+        return pb.ServerInfo(
+            role="generator", fingerprint=model.fingerprint, dtype=str(model.dtype).removeprefix("torch."),
+            device=str(model.device), versions=pb.Versions(**versions()), checkpoints=str(model.layout.root),
+            limits=pb.Limits(max_message_bytes=self.args.max_message_bytes, max_image_pixels=self.max_pixels,
+                             max_image_count=MAX_IMAGE_COUNT, max_steps=MAX_STEPS),
+            components=["flux-transformer", "vae", "scheduler"], modes=[Mode.VARIATION.value])
