@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from .errors import InvalidArgument
+from .modes import generation_size
 
 # Beyond this an upload is refused before it is decoded (decompression bombs).
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -61,3 +62,24 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
     if image.size[0] == 0 or image.size[1] == 0:
         raise InvalidArgument(name, f"{name} has no pixels ({image.size[0]}x{image.size[1]})")
     return image
+
+
+def decode_mask(data: bytes, name: str = "mask", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A mask of any mode as greyscale; white = repaint."""
+    return decode_image(data, name, max_pixels).convert("L")
+
+
+def alpha_mask(data: bytes, name: str = "init_image", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An RGBA image's transparency as an inpaint mask: transparent = repaint (white)."""
+    image = ImageOps.exif_transpose(_open(data, name, max_pixels))
+    if "A" not in image.getbands() and not (image.mode == "P" and "transparency" in image.info):
+        raise InvalidArgument("mask_from_alpha", f"{name} has no alpha channel to take the mask from "
+                                                 f"(mode {image.mode}); send a mask image instead")
+    return ImageOps.invert(image.convert("RGBA").getchannel("A"))
+
+
+def resize_for_generation(image: Image.Image) -> Image.Image:
+    """The reference's resize of image a (and its mask and control maps) before
+    generation: at most 1.05 MP, sides floored to multiples of 8, LANCZOS."""
+    size = generation_size(*image.size)
+    return image if size == image.size else image.resize(size, Image.LANCZOS)

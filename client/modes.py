@@ -132,16 +132,34 @@ def focus_role(mode: Mode) -> str:
     return ROLE_INPUT if mode is Mode.VARIATION else ROLE_REFERENCE
 
 
+def embedding_roles(mode: Mode, has_reference: bool) -> list[str]:
+    """The images the encoder must embed for a mode: only those something reads."""
+    if mode is Mode.VARIATION or not has_reference:
+        return [ROLE_INPUT]
+    if mode.uses_controlnet:
+        return [ROLE_INPUT, ROLE_REFERENCE]   # the ControlNet always reads image a
+    return [ROLE_REFERENCE]
+
+
 def transformer_role(mode: Mode, roles: set[str]) -> str:
-    """Which image embedding conditions the FLUX transformer."""
+    """Which image embedding conditions the FLUX transformer: b when given (not in variation)."""
     if mode is not Mode.VARIATION and ROLE_REFERENCE in roles:
         return ROLE_REFERENCE
     return ROLE_INPUT
 
 
-def controlnet_role(mode: Mode) -> str:
-    """The ControlNet always reads image a's embedding."""
-    return ROLE_INPUT
+def control_maps_used(params: dict) -> list[tuple[str, int, float]]:
+    """(kind, union mode, scale) in the reference's order: depth, then line. With
+    neither asked for, both are used at the reference's fixed strengths."""
+    if not params["depth"] and not params["line"]:
+        return [("depth", CONTROL_MODE_DEPTH, DEFAULTS["depth_strength"]),
+                ("line", CONTROL_MODE_LINE, DEFAULTS["line_strength"])]
+    maps = []
+    if params["depth"]:
+        maps.append(("depth", CONTROL_MODE_DEPTH, params["depth_strength"]))
+    if params["line"]:
+        maps.append(("line", CONTROL_MODE_LINE, params["line_strength"]))
+    return maps
 
 
 def generation_size(width: int, height: int) -> tuple[int, int]:
@@ -202,6 +220,9 @@ def resolve_parameters(mode: Mode, given: dict, max_pixels: int | None = None) -
 
     if mode is Mode.VARIATION:
         _check_variation_size(params, max_pixels)
+    if mode.uses_controlnet and not params["depth"] and not params["line"]:
+        # Neither map asked for: the reference uses both at fixed strengths.
+        ignored = sorted(set(ignored) | {k for k in ("depth_strength", "line_strength") if given.get(k) is not None})
     return params, ignored
 
 
