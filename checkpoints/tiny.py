@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import CheckpointLayout
+from .tiny_control import write_tiny_control_weights
 
 SEED = 20261126
 
@@ -226,8 +227,14 @@ def make_tiny_checkpoints(root: str | Path) -> Path:
     torch.manual_seed(SEED + 4)
     FluxTransformer2DModel(num_layers=1, num_single_layers=2, **flux_dims).save_pretrained(layout.transformer)
     torch.manual_seed(SEED + 5)
-    FluxControlNetModel(num_layers=1, num_single_layers=1, num_mode=10, **flux_dims).save_pretrained(
-        layout.controlnet)
+    controlnet = FluxControlNetModel(num_layers=1, num_single_layers=1, num_mode=10, **flux_dims)
+    # diffusers zero-initialises the ControlNet's output projections (a fresh
+    # ControlNet must not disturb FLUX); random ones let tests see the maps' effect.
+    for name in ("controlnet_blocks", "controlnet_single_blocks"):
+        for layer in getattr(controlnet, name):
+            layer.reset_parameters()
+    controlnet.controlnet_x_embedder.reset_parameters()
+    controlnet.save_pretrained(layout.controlnet)
     torch.manual_seed(SEED + 6)
     AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16,
@@ -240,4 +247,5 @@ def make_tiny_checkpoints(root: str | Path) -> Path:
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
         max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
     ).save_pretrained(layout.scheduler)
+    write_tiny_control_weights(layout, SEED + 7)
     return layout.root
