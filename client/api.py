@@ -16,13 +16,17 @@ from PIL import Image
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
 
+from .errors import InvalidArgument
 from .images import image_bytes
-from .modes import ROLE_INPUT, ROLE_REFERENCE, Focus, Mode, focus_role, resolve_parameters
+from .modes import (ROLE_INPUT, ROLE_REFERENCE, Focus, Mode, control_maps_used, embedding_roles, focus_role,
+                    resolve_parameters)
 from .wire import MAX_MESSAGE_BYTES, mode_to_proto, params_from_proto, params_to_proto
 
 ImageLike = "Image.Image | bytes | str | Path"
 ProgressCallback = Callable[[pb.Progress], None]
 
+_CONTROL_KINDS = {"depth": pb.DEPTH, "line": pb.LINE}
+_LINE_DETECTORS = {"auto": pb.AUTO, "anyline": pb.ANYLINE, "canny": pb.CANNY}
 _FORMATS = {"png": pb.PNG, "webp": pb.WEBP, "jpeg": pb.JPEG, "jpg": pb.JPEG, "raw": pb.RAW_RGB8}
 
 
@@ -44,6 +48,12 @@ class GenerationResult:
     request_id: str
     timings: dict = field(default_factory=dict)
     format: str = "png"
+
+
+@dataclass
+class ControlMaps:
+    maps: dict[str, Image.Image]            # kind ("depth", "line") -> map
+    detectors: dict[str, str]               # kind -> what made it ("anyline", "canny", ...)
 
 
 def _focus(value) -> Focus | None:
@@ -91,13 +101,14 @@ class Client:
                focus: Focus | tuple | None = None, mode: Mode | str = Mode.VARIATION,
                pixel_budget: int | None = None, pad_to: int | None = None,
                request_id: str | None = None) -> pb.EmbeddingBundle:
-        """Encode image a (and reference b); the focus goes with the image the mode applies it to."""
+        """Embed what the mode reads of image a and reference b; the focus goes with the
+        image the mode applies it to (a in variation, b otherwise)."""
         mode, focus = Mode.parse(mode), _focus(focus)
         target = focus_role(mode)
         request = pb.EncodeRequest(request_id=request_id or uuid.uuid4().hex, prompt=prompt)
-        for role, item in ((ROLE_INPUT, image), (ROLE_REFERENCE, reference)):
-            if item is None:
-                continue
+        inputs = {ROLE_INPUT: image, ROLE_REFERENCE: reference}
+        for role in embedding_roles(mode, reference is not None):
+            item = inputs[role]
             entry = request.images.add(role=role, image=pb.ImageData(data=image_bytes(item)))
             if focus is not None and role == target:
                 entry.focus.CopyFrom(pb.Focus(center_x=focus.center_x, center_y=focus.center_y,
@@ -110,6 +121,7 @@ class Client:
 
     def generate(self, bundle: pb.EmbeddingBundle, mode: Mode | str = Mode.VARIATION,
                  image: ImageLike | None = None, mask: ImageLike | None = None,
+                 control_maps: dict[str, ImageLike] | None = None, mask_from_alpha: bool = False,
                  progress: ProgressCallback | None = None, output_format: str = "png",
                  request_id: str | None = None, timeout: float | None = None, **params) -> GenerationResult:
         """Run one generation; `params` are GenerationParams fields (seed, steps, guidance, ...).
@@ -125,6 +137,9 @@ class Client:
             request.init_image.data = image_bytes(image)
         if mask is not None:
             request.mask.data = image_bytes(mask)
+        request.mask_from_alpha = mask_from_alpha
+        for kind, picture in (control_maps or {}).items():
+            request.control_maps.add(kind=_CONTROL_KINDS[kind], image=pb.ImageData(data=image_bytes(picture)))
         images, data, summary = [], [], None
         stream = self._call("generator", self._generator.Generate, request, timeout=timeout or self.timeout)
         try:
@@ -148,38 +163,86 @@ class Client:
                                 list(summary.ignored_parameters), summary.request_id, timings,
                                 output_format.lower())
 
+    def control_maps(self, image: ImageLike, kinds=("depth", "line"), line_detector: str = "auto",
+                     denoise_radius: float | None = None, resize_like_generator: bool = True,
+                     request_id: str | None = None) -> ControlMaps:
+        """Depth and line maps of image a, computed on the encoder's GPU. By default the
+        image is first resized as the generator will resize it, so the maps match."""
+        if line_detector not in _LINE_DETECTORS:
+            raise InvalidArgument("line_detector", f"line_detector must be one of {', '.join(_LINE_DETECTORS)}, "
+                                                   f"got {line_detector!r}")
+        request = pb.ControlMapsRequest(request_id=request_id or uuid.uuid4().hex,
+                                        image=pb.ImageData(data=image_bytes(image)),
+                                        kinds=[_CONTROL_KINDS[k] for k in kinds],
+                                        line_detector=_LINE_DETECTORS[line_detector],
+                                        resize_like_generator=resize_like_generator)
+        if denoise_radius is not None:
+            request.denoise_radius = denoise_radius
+        response = self._call("encoder", self._encoder.ComputeControlMaps, request)
+        names = {v: k for k, v in _CONTROL_KINDS.items()}
+        maps, detectors = {}, {}
+        for item in response.maps:
+            maps[names[item.kind]] = _open_image(item.image.data)
+            detectors[names[item.kind]] = item.detector
+        return ControlMaps(maps, detectors)
+
     # ------------------------------------------------------------ one call per mode
 
-    def _run(self, mode: Mode, image, reference, prompt, focus, progress, init_image, mask, params):
-        bundle = self.encode(image, reference=reference, prompt=prompt, focus=focus, mode=mode)
-        return self.generate(bundle, mode=mode, image=init_image, mask=mask, progress=progress, **params)
+    def _run(self, mode: Mode, image, reference, prompt, focus, progress, mask, params, control_maps=None,
+             line_detector="auto", mask_from_alpha=False):
+        options = {k: params.pop(k) for k in ("output_format", "request_id", "timeout") if k in params}
+        bundle = self.encode(image, reference=reference, prompt=prompt, focus=focus, mode=mode,
+                             request_id=options.get("request_id"))
+        if mode.uses_controlnet and control_maps is None:
+            effective, _ = resolve_parameters(mode, dict(params, seed=params.get("seed") or 0))
+            kinds = [kind for kind, _, _ in control_maps_used(effective)]
+            control_maps = self.control_maps(image, kinds, line_detector=line_detector).maps
+        return self.generate(bundle, mode=mode, image=None if mode is Mode.VARIATION else image, mask=mask,
+                             control_maps=control_maps, mask_from_alpha=mask_from_alpha, progress=progress,
+                             **options, **params)
 
     def variation(self, image: ImageLike, prompt: str = "", focus=None, progress=None, **params):
-        return self._run(Mode.VARIATION, image, None, prompt, focus, progress, None, None, params)
+        return self._run(Mode.VARIATION, image, None, prompt, focus, progress, None, params)
 
     def img2img(self, image: ImageLike, reference: ImageLike | None = None, prompt: str = "", focus=None,
                 progress=None, **params):
-        return self._run(Mode.IMG2IMG, image, reference, prompt, focus, progress, image, None, params)
+        return self._run(Mode.IMG2IMG, image, reference, prompt, focus, progress, None, params)
 
-    def inpaint(self, image: ImageLike, mask: ImageLike, reference: ImageLike | None = None, prompt: str = "",
-                focus=None, progress=None, **params):
-        return self._run(Mode.INPAINT, image, reference, prompt, focus, progress, image, mask, params)
+    def inpaint(self, image: ImageLike, mask: ImageLike | None = None, reference: ImageLike | None = None,
+                prompt: str = "", focus=None, progress=None, mask_from_alpha: bool = False, **params):
+        return self._run(Mode.INPAINT, image, reference, prompt, focus, progress, mask, params,
+                         mask_from_alpha=mask_from_alpha)
 
     def controlnet(self, image: ImageLike, reference: ImageLike | None = None, prompt: str = "", focus=None,
-                   progress=None, **params):
-        return self._run(Mode.CONTROLNET, image, reference, prompt, focus, progress, image, None, params)
+                   progress=None, control_maps: dict | None = None, line_detector: str = "auto", **params):
+        """`control_maps` ({"depth": img, "line": img}) skips the encoder's map computation."""
+        return self._run(Mode.CONTROLNET, image, reference, prompt, focus, progress, None, params,
+                         control_maps, line_detector)
 
-    def controlnet_inpaint(self, image: ImageLike, mask: ImageLike, reference: ImageLike | None = None,
-                           prompt: str = "", focus=None, progress=None, **params):
-        return self._run(Mode.CONTROLNET_INPAINT, image, reference, prompt, focus, progress, image, mask, params)
+    def controlnet_inpaint(self, image: ImageLike, mask: ImageLike | None = None,
+                           reference: ImageLike | None = None, prompt: str = "", focus=None, progress=None,
+                           control_maps: dict | None = None, line_detector: str = "auto",
+                           mask_from_alpha: bool = False, **params):
+        return self._run(Mode.CONTROLNET_INPAINT, image, reference, prompt, focus, progress, mask, params,
+                         control_maps, line_detector, mask_from_alpha)
+
+    def run(self, mode: Mode | str, image: ImageLike, **kwargs) -> GenerationResult:
+        """Any mode by name (CLI and UIs)."""
+        method = {Mode.VARIATION: self.variation, Mode.IMG2IMG: self.img2img, Mode.INPAINT: self.inpaint,
+                  Mode.CONTROLNET: self.controlnet, Mode.CONTROLNET_INPAINT: self.controlnet_inpaint}
+        return method[Mode.parse(mode)](image, **kwargs)
+
+
+def _open_image(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
 
 
 def _decode_output(message: pb.GeneratedImage) -> Image.Image:
     if message.format == pb.RAW_RGB8:
         return Image.frombytes("RGB", (message.width, message.height), message.data)
-    image = Image.open(io.BytesIO(message.data))
-    image.load()
-    return image
+    return _open_image(message.data)
 
 
 def png_metadata(image: Image.Image) -> dict:

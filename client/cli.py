@@ -53,22 +53,32 @@ def _write(result: GenerationResult, out: Path, stem: str) -> list[Path]:
     return paths
 
 
+def _control_map_args(values: list[str]) -> dict[str, str] | None:
+    maps = {}
+    for value in values or []:
+        kind, sep, path = value.partition("=")
+        if not sep or kind not in ("depth", "line"):
+            raise InvalidArgument("control_map", f"--control-map takes depth=IMG or line=IMG, got {value!r}")
+        maps[kind] = path
+    return maps or None
+
+
 def _generate(client: Client, args, description: str = "denoise") -> GenerationResult:
-    params = {"seed": args.seed, "steps": args.steps, "guidance": args.guidance,
-              "image_count": args.image_count, "aspect_ratio": args.aspect_ratio,
-              "width": args.width, "height": args.height}
-    if getattr(args, "strength", None) is not None:
-        params["strength"] = args.strength
-    focus = Focus.from_parts(args.center_x, args.center_y, args.radius)
     mode = Mode.parse(getattr(args, "mode", Mode.VARIATION.value))
+    params = {name: getattr(args, name, None) for name in (
+        "seed", "steps", "guidance", "image_count", "aspect_ratio", "width", "height", "strength", "depth", "line",
+        "depth_strength", "line_strength", "corrected_controlnet")}
+    kwargs = dict(prompt=args.prompt, focus=Focus.from_parts(args.center_x, args.center_y, args.radius))
+    if mode is not Mode.VARIATION:
+        kwargs["reference"] = args.reference
+    if mode.uses_mask:
+        kwargs.update(mask=args.mask, mask_from_alpha=args.mask is None)
+    if mode.uses_controlnet:
+        kwargs.update(control_maps=_control_map_args(args.control_map), line_detector=args.line_detector)
     bar, update = _progress_bar(description)
     try:
-        bundle = client.encode(args.input, reference=getattr(args, "reference", None), prompt=args.prompt,
-                               focus=focus, mode=mode)
-        mask = getattr(args, "mask", None)
-        init = args.input if mode.uses_init_image else None
-        return client.generate(bundle, mode=mode, image=init, mask=mask, progress=update,
-                               output_format=args.format, **params)
+        return client.run(mode, args.input, progress=update, output_format=args.format, **kwargs,
+                          **{k: v for k, v in params.items() if v is not None})
     finally:
         bar.close()
 
@@ -79,6 +89,26 @@ def cmd_generate(args) -> int:
     for path in _write(result, Path(args.out), Path(args.input).stem):
         print(path)
     print(f"seed {result.seed}", file=sys.stderr)
+    return 0
+
+
+def cmd_control_maps(args) -> int:
+    with Client(encoder=args.encoder, timeout=args.timeout) as client:
+        result = client.control_maps(args.input, kinds=args.kinds, line_detector=args.line_detector,
+                                     denoise_radius=args.denoise_radius)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for kind, image in result.maps.items():
+        path = out / f"{Path(args.input).stem}-{kind}.png"
+        image.save(path)
+        print(f"{path}\t{result.detectors[kind]}")
+    return 0
+
+
+def cmd_convert_depth(args) -> int:
+    from qwen2vl_flux.encoder_server.control_maps import convert_depth_anything
+
+    print(convert_depth_anything(Path(args.pth), Path(args.out)))
     return 0
 
 
@@ -124,13 +154,41 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--mode", default=Mode.VARIATION.value, choices=[m.value for m in Mode])
     gen.add_argument("--input", required=True, help="image a")
     gen.add_argument("--reference", default=None, help="image b (modes other than variation)")
-    gen.add_argument("--mask", default=None, help="inpaint modes: white = repaint")
-    gen.add_argument("--strength", type=float, default=None)
+    gen.add_argument("--mask", default=None,
+                     help="inpaint modes: white = repaint (default: the input's alpha channel)")
+    gen.add_argument("--strength", type=float, default=None, help="how much of image a is repainted, (0, 1]")
+    gen.add_argument("--depth", action=argparse.BooleanOptionalAction, default=None,
+                     help="ControlNet modes: use the depth map (with neither depth nor line, both are used)")
+    gen.add_argument("--line", action=argparse.BooleanOptionalAction, default=None,
+                     help="ControlNet modes: use the line map")
+    gen.add_argument("--depth-strength", type=float, default=None)
+    gen.add_argument("--line-strength", type=float, default=None)
+    gen.add_argument("--line-detector", default="auto", choices=["auto", "anyline", "canny"])
+    gen.add_argument("--control-map", action="append", metavar="KIND=IMG",
+                     help="a ready-made map (depth=IMG or line=IMG) instead of computing it")
+    gen.add_argument("--corrected-controlnet", action="store_true", default=None,
+                     help="ControlNet modes: the corrected behaviour instead of the reference's quirks")
     gen.add_argument("--encoder", default="127.0.0.1:50051")
     gen.add_argument("--generator", default="127.0.0.1:50052")
     gen.add_argument("--timeout", type=float, default=600.0)
     _add_generation_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    maps = sub.add_parser("control-maps", help="write the depth and line maps the ControlNet modes would use")
+    maps.add_argument("--input", required=True)
+    maps.add_argument("--out", default="out")
+    maps.add_argument("--kinds", nargs="+", default=["depth", "line"], choices=["depth", "line"])
+    maps.add_argument("--line-detector", default="auto", choices=["auto", "anyline", "canny"])
+    maps.add_argument("--denoise-radius", type=float, default=None, help="Gaussian blur of the maps, in pixels")
+    maps.add_argument("--encoder", default="127.0.0.1:50051")
+    maps.add_argument("--timeout", type=float, default=600.0)
+    maps.set_defaults(func=cmd_control_maps)
+
+    convert = sub.add_parser("convert-depth-anything",
+                             help="convert the original depth_anything_v2_vitl.pth to the Hugging Face format")
+    convert.add_argument("pth")
+    convert.add_argument("out")
+    convert.set_defaults(func=cmd_convert_depth)
 
     tiny = sub.add_parser("make-tiny-checkpoints", help="write the tiny random-weight preset")
     tiny.add_argument("dir")

@@ -14,6 +14,8 @@ from qwen2vl_flux.checkpoints.projections import load_linear
 from qwen2vl_flux.client.modes import T5_MAX_LENGTH, Focus, pixel_budget
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 
+from .control_maps import ControlMapper, denoise_map
+
 # The reference's one user turn; Qwen2-VL is causal, so the image rows depend on
 # the prefix (system prompt included) and the image, not on this trailing text.
 QWEN_MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
@@ -87,6 +89,8 @@ class Qwen2VLFluxEncoder:
             self.pooled = clip(ids.to(self.device), output_hidden_states=False).pooler_output.clone()
         del clip
 
+        # The reference runs Depth Anything and MTEED in float32 whatever the model dtype.
+        self.control = ControlMapper(layout, device=self.device, dtype=torch.float32)
         self.fingerprint = pb.ModelFingerprint(
             family="qwen2vl-flux", checkpoint_id=layout.checkpoint_id(), qwen_hidden_size=qwen_hidden,
             joint_attention_dim=self.connector.out_features, inner_dim=self.t5_embedder.out_features,
@@ -146,3 +150,17 @@ class Qwen2VLFluxEncoder:
         budget = budget or pixel_budget(prompt)
         encodings = [self.encode_image(role, image, focus, budget) for role, image, focus in images]
         return Encoding(encodings, self.encode_prompt(prompt) if prompt.strip() else None, self.pooled)
+
+    def control_maps(self, image: Image.Image, kinds: list[str], line_detector: str = "auto",
+                     denoise_radius: float | None = None) -> list[tuple[str, Image.Image, str]]:
+        """(kind, map, what made it) for each kind asked, optionally blurred."""
+        maps = []
+        for kind in kinds:
+            if kind == "depth":
+                picture, used = self.control.depth(image), "depth-anything-v2"
+            else:
+                picture, used = self.control.line(image, line_detector)
+            if denoise_radius:
+                picture = denoise_map(picture, denoise_radius)
+            maps.append((kind, picture, used))
+        return maps

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from qwen2vl_flux.client.errors import InvalidArgument
-from qwen2vl_flux.client.images import DEFAULT_MAX_PIXELS, decode_image
+from qwen2vl_flux.client.images import DEFAULT_MAX_PIXELS, decode_image, image_bytes, resize_for_generation
 from qwen2vl_flux.client.modes import ROLE_INPUT, ROLE_REFERENCE, Focus
 from qwen2vl_flux.client.wire import bucket, pad_tokens
 from qwen2vl_flux.serving.server import ModelHost, rpc_method, versions
@@ -21,6 +21,9 @@ from .model import Encoding
 MIN_PIXEL_BUDGET = 4 * 28 * 28
 MAX_PIXEL_BUDGET = 16384 * 28 * 28
 MAX_PAD_TO = 65536
+CONTROL_KINDS = {pb.DEPTH: "depth", pb.LINE: "line"}
+KIND_VALUES = {v: k for k, v in CONTROL_KINDS.items()}
+LINE_DETECTORS = {pb.LINE_DETECTOR_UNSPECIFIED: "auto", pb.AUTO: "auto", pb.ANYLINE: "anyline", pb.CANNY: "canny"}
 
 
 def bundle_message(encoding: Encoding, fingerprint: pb.ModelFingerprint, dtype: str,
@@ -89,8 +92,25 @@ class EncoderServicer(pb_grpc.EncoderServicer):
         return pb.EncodeResponse(request_id=request.request_id, bundle=bundle, encode_seconds=seconds)
 
     @rpc_method
-    async def ComputeControlMaps(self, request, context):
-        raise NotImplementedError("control maps are not served by this version of the encoder")
+    async def ComputeControlMaps(self, request: pb.ControlMapsRequest, context) -> pb.ControlMapsResponse:
+        model = self.host.require()
+        kinds = [CONTROL_KINDS.get(k) for k in request.kinds] or ["depth", "line"]
+        if None in kinds:
+            raise InvalidArgument("kinds", f"unknown control map kind in {list(request.kinds)}")
+        detector = LINE_DETECTORS.get(request.line_detector)
+        if detector is None:
+            raise InvalidArgument("line_detector", f"unknown line detector {request.line_detector}")
+        radius = request.denoise_radius if request.HasField("denoise_radius") else None
+        if radius is not None and not 0 <= radius <= 100:
+            raise InvalidArgument("denoise_radius", f"denoise_radius must be in 0..100 pixels, got {radius}")
+        image = await asyncio.to_thread(decode_image, request.image.data, "image", self.max_pixels)
+        if request.resize_like_generator:
+            image = resize_for_generation(image)
+        maps = await self.host.run(model.control_maps, image, kinds, detector, radius)
+        encoded = await asyncio.to_thread(lambda: [(kind, image_bytes(m), used) for kind, m, used in maps])
+        return pb.ControlMapsResponse(request_id=request.request_id, maps=[
+            pb.ControlMap(kind=KIND_VALUES[kind], image=pb.ImageData(data=data), detector=used)
+            for kind, data, used in encoded])
 
     @rpc_method
     async def GetInfo(self, request, context) -> pb.ServerInfo:
@@ -99,4 +119,5 @@ class EncoderServicer(pb_grpc.EncoderServicer):
             role="encoder", fingerprint=model.fingerprint, dtype=str(model.dtype).removeprefix("torch."),
             device=str(model.device), versions=pb.Versions(**versions()), checkpoints=str(model.layout.root),
             limits=pb.Limits(max_message_bytes=self.args.max_message_bytes, max_image_pixels=self.max_pixels),
-            components=["qwen2-vl", "connector", "t5", "t5_embedder", "clip (pooled of \"\")"])
+            components=["qwen2-vl", "connector", "t5", "t5_embedder", "clip (pooled of \"\")"],
+            line_detectors=model.control.line_detectors())

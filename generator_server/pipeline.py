@@ -18,7 +18,8 @@ from PIL import Image
 
 from qwen2vl_flux.checkpoints import CheckpointLayout
 from qwen2vl_flux.checkpoints.projections import load_linear
-from qwen2vl_flux.client.modes import T5_MAX_LENGTH, Mode, transformer_role, variation_size
+from qwen2vl_flux.client.modes import (ROLE_INPUT, T5_MAX_LENGTH, Mode, control_maps_used, generation_size,
+                                       transformer_role, variation_size)
 from qwen2vl_flux.serving.server import Cancelled
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 
@@ -39,8 +40,9 @@ class GenerationJob:
     mode: Mode
     params: dict                       # effective parameters (modes.resolve_parameters)
     conditioning: Conditioning
-    init_image: Image.Image | None = None
-    mask: Image.Image | None = None
+    init_image: Image.Image | None = None     # image a, as uploaded (resized here)
+    mask: Image.Image | None = None           # white = repaint, same size as image a
+    control_maps: dict[str, Image.Image] = field(default_factory=dict)   # kind -> map
     ignored: list[str] = field(default_factory=list)   # parameters set that this mode does not use
     timings: dict = field(default_factory=dict)
 
@@ -74,6 +76,10 @@ class FluxGenerator:
         self._scheduler_cls = FlowMatchEulerDiscreteScheduler
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor * 2, vae_latent_channels=self.vae.config.latent_channels,
+            do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+        self._controlnet = None
 
         config = self.transformer.config
         qwen_hidden = load_linear(layout.connector).in_features
@@ -83,74 +89,158 @@ class FluxGenerator:
             inner_dim=config.num_attention_heads * config.attention_head_dim,
             pooled_dim=config.pooled_projection_dim, t5_max_length=T5_MAX_LENGTH)
 
+    @property
+    def controlnet(self):
+        """The union ControlNet, loaded on first use and kept (its context_embedder apart)."""
+        if self._controlnet is None:
+            from diffusers import FluxControlNetModel
+
+            self.layout.require(self.layout.controlnet)
+            controlnet = FluxControlNetModel.from_pretrained(self.layout.controlnet, torch_dtype=self.dtype)
+            controlnet = controlnet.to(self.device).eval()
+            self.controlnet_context_embedder = controlnet.context_embedder
+            controlnet.context_embedder = torch.nn.Identity()
+            self._controlnet = controlnet
+        return self._controlnet
+
     # ------------------------------------------------------------ entry point
 
     @torch.inference_mode()
     def generate(self, job: GenerationJob, on_step: StepCallback | None = None,
                  cancelled: Callable[[], bool] = lambda: False) -> list[Image.Image]:
-        if job.mode is not Mode.VARIATION:
-            raise NotImplementedError(f"mode {job.mode.value} is not served by this version of the generator "
-                                      "(variation only)")
-        params = job.params
+        """One request, any mode. Random draws follow the reference's order with one
+        CPU generator: control samples, init-image sample, noise (MODEL_NOTES "Seeds")."""
+        mode, params = job.mode, job.params
         count = params["image_count"]
         generator = torch.Generator("cpu").manual_seed(int(params["seed"]))
-
-        # 1. Text stream: context_embedder(qwen) followed by the T5 tokens.
+        corrected = params.get("corrected_controlnet", False)
         start = time.perf_counter()
-        role = transformer_role(job.mode, set(job.conditioning.images))
-        prompt_embeds, text_ids, pooled = self._text_stream(job.conditioning, role, count)
 
-        # 2. Size and initial latents (noise drawn on the CPU: same noise on any device).
-        width, height = variation_size(params)
-        latents, image_ids, latent_h, latent_w = self._noise(count, height, width, generator)
+        # 1. Size: the aspect-ratio table for variation, else image a by the resize rule.
+        if mode is Mode.VARIATION:
+            width, height = variation_size(params)
+        else:
+            width, height = generation_size(*job.init_image.size)
+        latent_h = 2 * (height // (self.vae_scale_factor * 2))
+        latent_w = 2 * (width // (self.vae_scale_factor * 2))
 
-        # 3. Timesteps.
-        scheduler, timesteps = self._timesteps(params["steps"], latents.shape[1])
-        guidance = self._guidance(params["guidance"], count)
+        # 2. Text streams for the transformer (and the ControlNet).
+        prompt_embeds, control_embeds = self._text_streams(mode, job.conditioning, count)
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=self.device, dtype=self.dtype)
+        pooled = job.conditioning.pooled.repeat(count, 1)
+
+        # 3. Control maps -> packed latents (ControlNet modes; first random draws).
+        controls = []
+        if mode.uses_controlnet:
+            for kind, union_mode, scale in control_maps_used(params):
+                cond = self._encode_image(job.control_maps[kind], height, width, generator, count)
+                controls.append((self._pack(cond), union_mode, scale))
+            if mode is Mode.CONTROLNET_INPAINT and not corrected:
+                controls = controls[:1]  # reference quirk: only the first map reaches the ControlNet
+
+        # 4. Timesteps, shortened by strength outside variation.
+        image_seq_len = (latent_h // 2) * (latent_w // 2)
+        scheduler, timesteps = self._timesteps(params["steps"], image_seq_len, params.get("strength", 1.0))
+
+        # 5. Initial latents: noise, or the init image noised to the first timestep.
+        shape = (count, self.transformer.config.in_channels // 4, latent_h, latent_w)
+        image_latents = None
+        if mode.uses_init_image:
+            image_latents = self._encode_image(job.init_image, height, width, generator, 1).repeat(count, 1, 1, 1)
+        noise = self._noise(shape, generator)
+        if image_latents is None or (mode is Mode.CONTROLNET and not corrected):
+            latents = noise  # reference quirk in controlnet: the encoded init image is discarded
+        else:
+            latents = scheduler.scale_noise(image_latents, timesteps[:1].repeat(count), noise)
+        latents = self._pack(latents)
+        image_ids = self._image_ids(latent_h, latent_w)
+
+        # 6. Inpaint: the mask on the latent grid, and what to keep outside it.
+        inpaint = None
+        if mode.uses_mask:
+            inpaint = (self._mask_latents(job.mask, height, width, latent_h, latent_w, count),
+                       self._pack(image_latents), self._pack(noise))
         job.timings["prepare"] = time.perf_counter() - start
 
-        # 4. Denoise.
+        # 7. Denoise.
         start = time.perf_counter()
         latents = self.denoise(latents, timesteps, scheduler, prompt_embeds=prompt_embeds, text_ids=text_ids,
-                               pooled=pooled, image_ids=image_ids, guidance=guidance,
+                               pooled=pooled, image_ids=image_ids, guidance=self._guidance(params["guidance"], count),
+                               controls=controls, control_embeds=control_embeds, inpaint=inpaint,
                                on_step=on_step, cancelled=cancelled)
         job.timings["denoise"] = time.perf_counter() - start
 
-        # 5. Decode.
+        # 8. Decode.
         start = time.perf_counter()
-        images = self.decode(latents, height, width)
+        images = self.decode(latents, latent_h * self.vae_scale_factor, latent_w * self.vae_scale_factor)
         job.timings["decode"] = time.perf_counter() - start
         return images
 
     # ------------------------------------------------------------ steps
 
-    def _text_stream(self, cond: Conditioning, role: str, count: int):
-        tokens = self.context_embedder(cond.images[role])
-        if cond.prompt is not None:
-            tokens = torch.cat([tokens, cond.prompt], dim=1)
-        text_ids = torch.zeros(tokens.shape[1], 3, device=self.device, dtype=self.dtype)
-        return tokens.repeat(count, 1, 1), text_ids, cond.pooled.repeat(count, 1)
+    def _text_streams(self, mode: Mode, cond: Conditioning, count: int):
+        """context_embedder(qwen) followed by the T5 tokens; in the ControlNet modes the
+        ControlNet reads qwen(a) through its own context_embedder, and qwen(a) and
+        qwen(b) are truncated to the shorter of the two (reference)."""
+        role = transformer_role(mode, set(cond.images))
+        tokens = cond.images[role]
+        control_tokens = None
+        if mode.uses_controlnet:
+            control_tokens = cond.images[ROLE_INPUT]
+            length = min(tokens.shape[1], control_tokens.shape[1])
+            tokens, control_tokens = tokens[:, :length], control_tokens[:, :length]
 
-    def _noise(self, count: int, height: int, width: int, generator: torch.Generator):
-        from diffusers import FluxPipeline
+        def stream(embedder, qwen):
+            parts = [embedder(qwen)] + ([cond.prompt] if cond.prompt is not None else [])
+            return torch.cat(parts, dim=1).repeat(count, 1, 1)
+
+        prompt_embeds = stream(self.context_embedder, tokens)
+        if control_tokens is None:
+            return prompt_embeds, None
+        self.controlnet  # noqa: B018 - loads the ControlNet and its context_embedder
+        return prompt_embeds, stream(self.controlnet_context_embedder, control_tokens)
+
+    def _encode_image(self, image: Image.Image, height: int, width: int, generator, count: int) -> torch.Tensor:
+        """VAE latents of an image as the reference makes them: preprocess (floors to 16),
+        repeat to the batch, `latent_dist.sample(generator)`, then shift and scale."""
+        from diffusers.pipelines.flux.pipeline_flux_img2img import retrieve_latents
+
+        pixels = self.image_processor.preprocess(image, height=height, width=width)
+        pixels = pixels.repeat_interleave(count, dim=0).to(self.device, self.dtype)
+        latents = retrieve_latents(self.vae.encode(pixels), generator=generator)
+        return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+
+    def _mask_latents(self, mask: Image.Image, height: int, width: int, latent_h: int, latent_w: int,
+                      count: int) -> torch.Tensor:
+        mask = self.mask_processor.preprocess(mask, height=height, width=width)
+        mask = torch.nn.functional.interpolate(mask, size=(latent_h, latent_w)).to(self.device, self.dtype)
+        channels = self.transformer.config.in_channels // 4
+        return self._pack(mask.repeat(count, channels, 1, 1))
+
+    def _noise(self, shape, generator: torch.Generator) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor
 
-        latent_h = 2 * (height // (self.vae_scale_factor * 2))
-        latent_w = 2 * (width // (self.vae_scale_factor * 2))
-        channels = self.transformer.config.in_channels // 4
-        noise = randn_tensor((count, channels, latent_h, latent_w), generator=generator,
-                             device=self.device, dtype=self.dtype)
-        latents = FluxPipeline._pack_latents(noise, count, channels, latent_h, latent_w)
-        image_ids = FluxPipeline._prepare_latent_image_ids(count, latent_h // 2, latent_w // 2,
-                                                           self.device, self.dtype)
-        return latents, image_ids, latent_h, latent_w
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
 
-    def _timesteps(self, steps: int, image_seq_len: int):
+    @staticmethod
+    def _pack(latents: torch.Tensor) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        b, c, h, w = latents.shape
+        return FluxPipeline._pack_latents(latents, b, c, h, w)
+
+    def _image_ids(self, latent_h: int, latent_w: int) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        return FluxPipeline._prepare_latent_image_ids(1, latent_h // 2, latent_w // 2, self.device, self.dtype)
+
+    def _timesteps(self, steps: int, image_seq_len: int, strength: float = 1.0):
         scheduler = self._scheduler_cls.from_config(self.scheduler_config, use_dynamic_shifting=False, shift=1.0)
         scheduler.set_timesteps(sigmas=list(shifted_sigmas(steps, image_seq_len, self.scheduler_config)),
                                 device=self.device)
-        scheduler.set_begin_index(0)
-        return scheduler, scheduler.timesteps
+        t_start = int(steps - min(steps * strength, steps))
+        scheduler.set_begin_index(t_start)
+        return scheduler, scheduler.timesteps[t_start:]
 
     def _guidance(self, scale: float, count: int) -> torch.Tensor | None:
         if not self.transformer.config.guidance_embeds:
@@ -158,19 +248,37 @@ class FluxGenerator:
         return torch.full([count], scale, device=self.device, dtype=torch.float32)
 
     def denoise(self, latents, timesteps, scheduler, *, prompt_embeds, text_ids, pooled, image_ids, guidance,
-                on_step: StepCallback | None, cancelled: Callable[[], bool]) -> torch.Tensor:
-        """The one denoise core: Euler steps of the flow-matching scheduler."""
+                controls=(), control_embeds=None, inpaint=None, on_step: StepCallback | None = None,
+                cancelled: Callable[[], bool] = lambda: False) -> torch.Tensor:
+        """The one denoise core: Euler steps of the flow-matching scheduler, with the
+        ControlNet residuals of each control map summed in, and the inpaint blend
+        (keep the noised init image outside the mask) after each step."""
         total = len(timesteps)
         for i, t in enumerate(timesteps):
             if cancelled():
                 raise Cancelled(f"stopped before step {i + 1} of {total}")
-            timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+            blocks = singles = None
+            for cond, union_mode, scale in controls:
+                mode = torch.full((latents.shape[0], 1), union_mode, device=self.device, dtype=torch.long)
+                b, s = self.controlnet(
+                    hidden_states=latents, controlnet_cond=cond, controlnet_mode=mode, conditioning_scale=scale,
+                    timestep=timestep, guidance=guidance, pooled_projections=pooled,
+                    encoder_hidden_states=control_embeds, txt_ids=text_ids, img_ids=image_ids, return_dict=False)
+                blocks = b if blocks is None else [x + y for x, y in zip(blocks, b)]
+                singles = s if singles is None else [x + y for x, y in zip(singles, s)]
             noise_pred = self.transformer(
-                hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
-                pooled_projections=pooled, encoder_hidden_states=prompt_embeds,
-                txt_ids=text_ids, img_ids=image_ids, return_dict=False,
+                hidden_states=latents, timestep=timestep, guidance=guidance, pooled_projections=pooled,
+                encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
+                controlnet_block_samples=blocks, controlnet_single_block_samples=singles, return_dict=False,
             )[0]
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            if inpaint is not None:
+                mask, image_latents, noise = inpaint
+                keep = image_latents
+                if i < total - 1:
+                    keep = scheduler.scale_noise(image_latents, timesteps[i + 1:i + 2], noise)
+                latents = (1 - mask) * keep + mask * latents
             if on_step is not None:
                 on_step(i + 1, total)
         return latents

@@ -13,8 +13,10 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from qwen2vl_flux.client.errors import InvalidArgument, ModelMismatch
-from qwen2vl_flux.client.images import DEFAULT_MAX_PIXELS, decode_image
-from qwen2vl_flux.client.modes import MAX_IMAGE_COUNT, MAX_STEPS, Mode, resolve_parameters
+from qwen2vl_flux.client.images import (DEFAULT_MAX_PIXELS, alpha_mask, decode_image, decode_mask,
+                                        resize_for_generation)
+from qwen2vl_flux.client.modes import (MAX_IMAGE_COUNT, MAX_STEPS, ROLE_INPUT, Mode, control_maps_used,
+                                       resolve_parameters, transformer_role)
 from qwen2vl_flux.client.wire import mode_from_proto, params_from_proto, params_to_proto
 from qwen2vl_flux.serving.server import ModelHost, log_event, rpc_method, rpc_stream, versions
 from qwen2vl_flux.serving.tensors import from_wire
@@ -26,6 +28,7 @@ from .pipeline import Conditioning, FluxGenerator, GenerationJob
 # Output pixels per request (all images together); larger is refused up front.
 MAX_OUTPUT_PIXELS = 16 * 1024 * 1024
 PNG_METADATA_KEY = "qwen2vl-flux"
+CONTROL_KINDS = {pb.DEPTH: "depth", pb.LINE: "line"}
 
 
 def _padded(message: pb.PaddedTensor, name: str, width: int, device, dtype) -> torch.Tensor:
@@ -38,7 +41,7 @@ def _padded(message: pb.PaddedTensor, name: str, width: int, device, dtype) -> t
     return tensor[:, :message.valid_length].to(device, dtype)
 
 
-def conditioning_from_bundle(bundle: pb.EmbeddingBundle, model: FluxGenerator) -> Conditioning:
+def conditioning_from_bundle(bundle: pb.EmbeddingBundle, model: FluxGenerator, mode: Mode) -> Conditioning:
     mine, theirs = model.fingerprint, bundle.fingerprint
     if mine != theirs:
         raise ModelMismatch(
@@ -50,8 +53,11 @@ def conditioning_from_bundle(bundle: pb.EmbeddingBundle, model: FluxGenerator) -
         if item.role in images:
             raise InvalidArgument("bundle", f"bundle has two embeddings for image {item.role!r}")
         images[item.role] = _padded(item.tokens, f"bundle.images[{i}]", fp.joint_attention_dim, device, dtype)
-    if "a" not in images:
-        raise InvalidArgument("bundle", "bundle has no embedding of image 'a'")
+    needed = {transformer_role(mode, set(images))} | ({ROLE_INPUT} if mode.uses_controlnet else set())
+    missing = needed - set(images)
+    if missing:
+        raise InvalidArgument("bundle", f"mode {mode.value} needs the embedding of image "
+                                        f"{', '.join(sorted(missing))}; encode it first")
     prompt = None
     if bundle.HasField("prompt"):
         prompt = _padded(bundle.prompt, "bundle.prompt", fp.inner_dim, device, dtype)
@@ -104,13 +110,41 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         if given.get("seed") is None:
             given["seed"] = secrets.randbelow(2**32)
         params, ignored = resolve_parameters(mode, given, max_pixels=MAX_OUTPUT_PIXELS)
-        conditioning = conditioning_from_bundle(request.bundle, model)
-        init_image = mask = None
+        conditioning = conditioning_from_bundle(request.bundle, model, mode)
+        job = GenerationJob(mode, params, conditioning, ignored=ignored)
         if mode.uses_init_image:
-            init_image = decode_image(request.init_image.data, "init_image", self.max_pixels)
+            if not request.init_image.data:
+                raise InvalidArgument("init_image", f"mode {mode.value} needs image a as init_image")
+            job.init_image = resize_for_generation(decode_image(request.init_image.data, "init_image",
+                                                                self.max_pixels))
         if mode.uses_mask:
-            mask = decode_image(request.mask.data, "mask", self.max_pixels)
-        return GenerationJob(mode, params, conditioning, init_image, mask, ignored)
+            job.mask = resize_for_generation(self._mask(request))
+            if job.mask.size != job.init_image.size:
+                raise InvalidArgument("mask", f"mask is {job.mask.size[0]}x{job.mask.size[1]} after the resize rule "
+                                              f"but image a is {job.init_image.size[0]}x{job.init_image.size[1]}; "
+                                              "send a mask of the image's size")
+        if mode.uses_controlnet:
+            job.control_maps = self._control_maps(request, params)
+        return job
+
+    def _mask(self, request: pb.GenerateRequest):
+        if request.mask_from_alpha:
+            return alpha_mask(request.init_image.data, "init_image", self.max_pixels)
+        if not request.mask.data:
+            raise InvalidArgument("mask", "inpaint modes need a mask (white = repaint), or mask_from_alpha")
+        return decode_mask(request.mask.data, "mask", self.max_pixels)
+
+    def _control_maps(self, request: pb.GenerateRequest, params: dict) -> dict:
+        maps = {}
+        for i, item in enumerate(request.control_maps):
+            if item.kind not in CONTROL_KINDS:
+                raise InvalidArgument("control_maps", f"control_maps[{i}]: unknown kind {item.kind}")
+            maps[CONTROL_KINDS[item.kind]] = decode_image(item.image.data, f"control_maps[{i}]", self.max_pixels)
+        for kind, _, _ in control_maps_used(params):
+            if kind not in maps:
+                raise InvalidArgument("control_maps", f"this request needs a {kind} map: send it in control_maps "
+                                                      "(the client computes it with the encoder's ComputeControlMaps)")
+        return maps
 
     @rpc_stream
     async def Generate(self, request: pb.GenerateRequest, context):
@@ -176,4 +210,5 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             device=str(model.device), versions=pb.Versions(**versions()), checkpoints=str(model.layout.root),
             limits=pb.Limits(max_message_bytes=self.args.max_message_bytes, max_image_pixels=self.max_pixels,
                              max_image_count=MAX_IMAGE_COUNT, max_steps=MAX_STEPS),
-            components=["flux-transformer", "vae", "scheduler"], modes=[Mode.VARIATION.value])
+            components=["flux-transformer", "vae", "scheduler", "controlnet (on first use)"],
+            modes=[m.value for m in Mode])
