@@ -1,6 +1,7 @@
 """Light client for the Qwen2VL-Flux encoder and generator services (no torch needed)."""
-from .api import Client, GenerationResult, ServiceError
+from .api import Client, ControlMaps, GenerationResult, ServiceError
+from .channels import TLSFiles
 from .errors import InvalidArgument
 from .modes import Focus, Mode
 
-__all__ = ["Client", "GenerationResult", "ServiceError", "InvalidArgument", "Focus", "Mode"]
+__all__ = ["Client", "ControlMaps", "GenerationResult", "ServiceError", "TLSFiles", "InvalidArgument", "Focus", "Mode"]

@@ -17,6 +17,7 @@ from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
 
 from .errors import InvalidArgument
+from .channels import ENCODER_SERVICE, GENERATOR_SERVICE, TLSFiles, open_channel
 from .images import image_bytes
 from .modes import (ROLE_INPUT, ROLE_REFERENCE, Focus, Mode, control_maps_used, embedding_roles, focus_role,
                     resolve_parameters)
@@ -63,12 +64,26 @@ def _focus(value) -> Focus | None:
 
 
 class Client:
-    def __init__(self, encoder: str = "127.0.0.1:50051", generator: str = "127.0.0.1:50052",
-                 timeout: float = 600.0, max_message_bytes: int = MAX_MESSAGE_BYTES):
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
+    """Both halves behind one object. `encoder` / `generator`: "host:port", several
+    ("10.0.0.1:50052,10.0.0.2:50052" or a list) or a gRPC target ("dns:///svc:50052");
+    calls spread over replicas round-robin. `token` is sent as a bearer token; `tls`
+    (or tls_ca / tls_cert / tls_key) switches to TLS or mutual TLS. Every call has a
+    deadline (`timeout` seconds). `retry_generation` re-runs a generation that failed
+    with UNAVAILABLE before any image arrived (same request and seed, so the same
+    images) on another replica; off by default, since a generation is not free."""
+
+    def __init__(self, encoder: "str | list[str]" = "127.0.0.1:50051",
+                 generator: "str | list[str]" = "127.0.0.1:50052", timeout: float = 600.0,
+                 token: str | None = None, tls: TLSFiles | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 retry_generation: bool = False, max_message_bytes: int = MAX_MESSAGE_BYTES):
+        if tls is None and (tls_ca or tls_cert or tls_key):
+            tls = TLSFiles(tls_ca, tls_cert, tls_key)
         self.timeout = timeout
-        self._channels = [grpc.insecure_channel(encoder, options), grpc.insecure_channel(generator, options)]
+        self.retry_generation = retry_generation
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channels = [open_channel(encoder, ENCODER_SERVICE, tls, max_message_bytes),
+                          open_channel(generator, GENERATOR_SERVICE, tls, max_message_bytes)]
         self._encoder = pb_grpc.EncoderStub(self._channels[0])
         self._generator = pb_grpc.GeneratorStub(self._channels[1])
         self.addresses = {"encoder": encoder, "generator": generator}
@@ -83,12 +98,15 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def _call(self, service: str, method, request, **kwargs):
+    def _error(self, service: str, error: grpc.RpcError) -> ServiceError:
+        return ServiceError(f"{service} at {self.addresses[service]}", error.code(), error.details())
+
+    def _call(self, service: str, method, request, timeout: float | None = None):
         try:
-            return method(request, timeout=kwargs.pop("timeout", self.timeout),
-                          metadata=(("x-request-id", request.request_id),), **kwargs)
+            return method(request, timeout=timeout or self.timeout,
+                          metadata=(("x-request-id", request.request_id),) + self._metadata)
         except grpc.RpcError as e:
-            raise ServiceError(f"{service} at {self.addresses[service]}", e.code(), e.details()) from None
+            raise self._error(service, e) from None
 
     # ------------------------------------------------------------ the two halves
 
@@ -140,20 +158,26 @@ class Client:
         request.mask_from_alpha = mask_from_alpha
         for kind, picture in (control_maps or {}).items():
             request.control_maps.add(kind=_CONTROL_KINDS[kind], image=pb.ImageData(data=image_bytes(picture)))
-        images, data, summary = [], [], None
-        stream = self._call("generator", self._generator.Generate, request, timeout=timeout or self.timeout)
-        try:
-            for event in stream:
-                kind = event.WhichOneof("event")
-                if kind == "progress" and progress is not None:
-                    progress(event.progress)
-                elif kind == "image":
-                    data.append(event.image.data)
-                    images.append(_decode_output(event.image))
-                elif kind == "summary":
-                    summary = event.summary
-        except grpc.RpcError as e:
-            raise ServiceError(f"generator at {self.addresses['generator']}", e.code(), e.details()) from None
+        attempts = 2 if self.retry_generation else 1
+        for attempt in range(attempts):
+            images, data, summary = [], [], None
+            try:
+                stream = self._generator.Generate(request, timeout=timeout or self.timeout,
+                                                  metadata=(("x-request-id", request.request_id),) + self._metadata)
+                for event in stream:
+                    kind = event.WhichOneof("event")
+                    if kind == "progress" and progress is not None:
+                        progress(event.progress)
+                    elif kind == "image":
+                        data.append(event.image.data)
+                        images.append(_decode_output(event.image))
+                    elif kind == "summary":
+                        summary = event.summary
+                break
+            except grpc.RpcError as e:
+                replay = e.code() == grpc.StatusCode.UNAVAILABLE and not images and attempt + 1 < attempts
+                if not replay:
+                    raise self._error("generator", e) from None
         if summary is None:
             raise ServiceError(f"generator at {self.addresses['generator']}", grpc.StatusCode.DATA_LOSS,
                                "the stream ended without a summary")
