@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import secrets
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,9 +142,11 @@ class Client:
                  image: ImageLike | None = None, mask: ImageLike | None = None,
                  control_maps: dict[str, ImageLike] | None = None, mask_from_alpha: bool = False,
                  progress: ProgressCallback | None = None, output_format: str = "png",
-                 request_id: str | None = None, timeout: float | None = None, **params) -> GenerationResult:
+                 request_id: str | None = None, timeout: float | None = None,
+                 cancel_event: threading.Event | None = None, **params) -> GenerationResult:
         """Run one generation; `params` are GenerationParams fields (seed, steps, guidance, ...).
-        A seed is chosen here when none is given, so the result always says which one ran."""
+        A seed is chosen here when none is given, so the result always says which one ran.
+        Setting `cancel_event` cancels the call; the server stops within one step."""
         mode = Mode.parse(mode)
         if params.get("seed") is None:
             params["seed"] = secrets.randbelow(2**32)
@@ -164,6 +167,8 @@ class Client:
             try:
                 stream = self._generator.Generate(request, timeout=timeout or self.timeout,
                                                   metadata=(("x-request-id", request.request_id),) + self._metadata)
+                if cancel_event is not None:
+                    _cancel_when_set(stream, cancel_event)
                 for event in stream:
                     kind = event.WhichOneof("event")
                     if kind == "progress" and progress is not None:
@@ -255,6 +260,18 @@ class Client:
         method = {Mode.VARIATION: self.variation, Mode.IMG2IMG: self.img2img, Mode.INPAINT: self.inpaint,
                   Mode.CONTROLNET: self.controlnet, Mode.CONTROLNET_INPAINT: self.controlnet_inpaint}
         return method[Mode.parse(mode)](image, **kwargs)
+
+
+def _cancel_when_set(call: grpc.Future, event: threading.Event) -> None:
+    """Cancel `call` once `event` is set, for as long as the call runs."""
+
+    def watch():
+        while call.running():
+            if event.wait(0.05):
+                call.cancel()
+                return
+
+    threading.Thread(target=watch, daemon=True, name="cancel-watch").start()
 
 
 def _open_image(data: bytes) -> Image.Image:
