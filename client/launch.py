@@ -32,16 +32,23 @@ class ServerProcess:
         self.env = env
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
+        self._bound = False
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
     def start(self) -> "ServerProcess":
+        """Start the process; a restart keeps the port it had, so clients find it again."""
         self.port_file.unlink(missing_ok=True)
-        self.port = None
+        self._bound = False
         args = [sys.executable, "-m", f"qwen2vl_flux.{self.role}_server", "--checkpoints", self.checkpoints,
-                "--host", "127.0.0.1", "--port", "0", "--port-file", str(self.port_file), *self.extra_args]
+                "--host", "127.0.0.1", "--port", str(self.port or 0), "--port-file", str(self.port_file),
+                *self.extra_args]
         env = dict(os.environ, **(self.env or {}))
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -53,9 +60,11 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()
-            if self.port is None and self.port_file.exists():
+            if self.port_file.exists():
                 self.port = int(self.port_file.read_text())
-            if self.port is not None:
+                self.port_file.unlink()
+                self._bound = True
+            if self._bound:
                 with grpc.insecure_channel(self.address) as channel:
                     try:
                         status = health_pb2_grpc.HealthStub(channel).Check(

@@ -8,21 +8,26 @@ from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
 
 
+def _extra_args(parser):
+    parser.add_argument("--cache-size", type=int, default=64,
+                        help="encodings kept (LRU by image bytes, focus, prompt, pixel budget); 0 = off")
+
+
 def _add_servicer(server, host, args):
     from .servicer import EncoderServicer
 
     pb_grpc.add_EncoderServicer_to_server(EncoderServicer(host, args), server)
 
 
-def _make_model(checkpoints, **kwargs):
+def _make_model(args, **kwargs):
     from .model import Qwen2VLFluxEncoder
 
-    return Qwen2VLFluxEncoder(checkpoints, **kwargs)
+    return Qwen2VLFluxEncoder(args.checkpoints, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
     service = pb.DESCRIPTOR.services_by_name["Encoder"].full_name
-    return run("encoder", 50051, service, argv, _add_servicer, _make_model)
+    return run("encoder", 50051, service, argv, _add_servicer, _make_model, _extra_args)
 
 
 if __name__ == "__main__":

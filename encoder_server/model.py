@@ -11,7 +11,7 @@ from PIL import Image
 
 from qwen2vl_flux.checkpoints import CheckpointError, CheckpointLayout
 from qwen2vl_flux.checkpoints.projections import load_linear
-from qwen2vl_flux.client.modes import T5_MAX_LENGTH, Focus, pixel_budget
+from qwen2vl_flux.client.modes import T5_MAX_LENGTH, Focus
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 
 from .control_maps import ControlMapper, denoise_map
@@ -29,13 +29,6 @@ class ImageEncoding:
     grid_thw: tuple[int, int, int]
     focus: Focus | None
     pixel_budget: int
-
-
-@dataclass
-class Encoding:
-    images: list[ImageEncoding]
-    prompt: torch.Tensor | None   # (1, T5_MAX_LENGTH, inner_dim)
-    pooled: torch.Tensor          # (1, pooled_dim)
 
 
 def focus_weights(grid_h: int, grid_w: int, focus: Focus) -> torch.Tensor:
@@ -145,11 +138,11 @@ class Qwen2VLFluxEncoder:
                                 return_tensors="pt").input_ids.to(self.device)
         return self.t5_embedder(self.t5(ids).last_hidden_state)
 
-    def encode(self, images: list[tuple[str, Image.Image, Focus | None]], prompt: str = "",
-               budget: int | None = None) -> Encoding:
-        budget = budget or pixel_budget(prompt)
+    def encode_parts(self, images: list[tuple[str, Image.Image, Focus | None]], prompt: str | None,
+                     budget: int) -> tuple[list[ImageEncoding], torch.Tensor | None]:
+        """The images' embeddings and, when a prompt is given, its T5 tokens."""
         encodings = [self.encode_image(role, image, focus, budget) for role, image, focus in images]
-        return Encoding(encodings, self.encode_prompt(prompt) if prompt.strip() else None, self.pooled)
+        return encodings, self.encode_prompt(prompt) if prompt else None
 
     def control_maps(self, image: Image.Image, kinds: list[str], line_detector: str = "auto",
                      denoise_radius: float | None = None) -> list[tuple[str, Image.Image, str]]:

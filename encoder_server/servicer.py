@@ -6,15 +6,16 @@ import asyncio
 import time
 
 from qwen2vl_flux.client.errors import InvalidArgument
-from qwen2vl_flux.client.images import DEFAULT_MAX_PIXELS, decode_image, image_bytes, resize_for_generation
-from qwen2vl_flux.client.modes import ROLE_INPUT, ROLE_REFERENCE, Focus
+from qwen2vl_flux.client.images import decode_image, image_bytes, resize_for_generation
+from qwen2vl_flux.client.modes import ROLE_INPUT, ROLE_REFERENCE, Focus, pixel_budget
 from qwen2vl_flux.client.wire import bucket, pad_tokens
 from qwen2vl_flux.serving.server import ModelHost, rpc_method, versions
 from qwen2vl_flux.serving.tensors import to_wire
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
 
-from .model import Encoding
+from .cache import EncodingCache, image_key, prompt_key
+from .model import ImageEncoding
 
 # Qwen2-VL needs at least 4 patches of 28x28; beyond 16384 tokens an image is
 # far outside what the model was trained on and costs minutes.
@@ -26,28 +27,18 @@ KIND_VALUES = {v: k for k, v in CONTROL_KINDS.items()}
 LINE_DETECTORS = {pb.LINE_DETECTOR_UNSPECIFIED: "auto", pb.AUTO: "auto", pb.ANYLINE: "anyline", pb.CANNY: "canny"}
 
 
-def bundle_message(encoding: Encoding, fingerprint: pb.ModelFingerprint, dtype: str,
-                   pad_to: int | None) -> pb.EmbeddingBundle:
-    images = []
-    for e in encoding.images:
-        n = e.tokens.shape[1]
-        tokens = pad_tokens(pb.PaddedTensor(tensor=to_wire(e.tokens), valid_length=n),
-                            pad_to if pad_to is not None else bucket(n))
-        message = pb.ImageEmbedding(role=e.role, tokens=tokens, grid_t=e.grid_thw[0], grid_h=e.grid_thw[1],
-                                    grid_w=e.grid_thw[2], pixel_budget=e.pixel_budget)
-        if e.focus is not None:
-            message.focus.CopyFrom(pb.Focus(center_x=e.focus.center_x, center_y=e.focus.center_y,
-                                            radius=e.focus.radius))
-        images.append(message)
-    bundle = pb.EmbeddingBundle(fingerprint=fingerprint, images=images, pooled=to_wire(encoding.pooled),
-                                dtype=dtype)
-    if encoding.prompt is not None:
-        bundle.prompt.CopyFrom(pb.PaddedTensor(tensor=to_wire(encoding.prompt),
-                                               valid_length=encoding.prompt.shape[1]))
-    return bundle
+def image_message(e: ImageEncoding) -> pb.ImageEmbedding:
+    """One image's embedding, unpadded (padding is per request)."""
+    message = pb.ImageEmbedding(role=e.role, grid_t=e.grid_thw[0], grid_h=e.grid_thw[1], grid_w=e.grid_thw[2],
+                                pixel_budget=e.pixel_budget,
+                                tokens=pb.PaddedTensor(tensor=to_wire(e.tokens), valid_length=e.tokens.shape[1]))
+    if e.focus is not None:
+        message.focus.CopyFrom(pb.Focus(center_x=e.focus.center_x, center_y=e.focus.center_y,
+                                        radius=e.focus.radius))
+    return message
 
 
-def _inputs(request: pb.EncodeRequest, max_pixels: int):
+def _inputs(request: pb.EncodeRequest) -> list[tuple[str, bytes, Focus | None]]:
     if not request.images:
         raise InvalidArgument("images", "no image to encode: send image a (and optionally reference b)")
     if len(request.images) > 2:
@@ -61,7 +52,7 @@ def _inputs(request: pb.EncodeRequest, max_pixels: int):
         focus = None
         if item.HasField("focus"):
             focus = Focus(item.focus.center_x, item.focus.center_y, item.focus.radius)
-        inputs.append((role, decode_image(item.image.data, f"images[{i}]", max_pixels), focus))
+        inputs.append((role, item.image.data, focus))
     return inputs
 
 
@@ -69,27 +60,65 @@ class EncoderServicer(pb_grpc.EncoderServicer):
     def __init__(self, host: ModelHost, args):
         self.host = host
         self.args = args
-        self.max_pixels = DEFAULT_MAX_PIXELS
+        self.max_pixels = args.max_image_pixels
+        self.cache = EncodingCache(args.cache_size)
+        self._pooled = None
+
+    @property
+    def pooled(self) -> pb.Tensor:
+        """CLIP pooled of "": a constant, serialised once."""
+        if self._pooled is None:
+            self._pooled = to_wire(self.host.require().pooled)
+        return self._pooled
 
     @rpc_method
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
         model = self.host.require()
-        budget = request.pixel_budget if request.HasField("pixel_budget") else None
-        if budget is not None and not MIN_PIXEL_BUDGET <= budget <= MAX_PIXEL_BUDGET:
+        budget = request.pixel_budget if request.HasField("pixel_budget") else pixel_budget(request.prompt)
+        if not MIN_PIXEL_BUDGET <= budget <= MAX_PIXEL_BUDGET:
             raise InvalidArgument("pixel_budget", f"pixel_budget must be in {MIN_PIXEL_BUDGET}..{MAX_PIXEL_BUDGET}, "
                                                   f"got {budget}")
         pad_to = request.pad_to if request.HasField("pad_to") else None
         if pad_to is not None and not 1 <= pad_to <= MAX_PAD_TO:
             raise InvalidArgument("pad_to", f"pad_to must be in 1..{MAX_PAD_TO}, got {pad_to}")
-        inputs = await asyncio.to_thread(_inputs, request, self.max_pixels)
+        inputs = _inputs(request)
+        prompt = request.prompt if request.prompt.strip() else None
+
+        # Cached parts cost nothing; the rest is decoded, then encoded in one turn on the model.
+        keys = {role: image_key(data, focus, budget, role) for role, data, focus in inputs}
+        found = {role: self.cache.get(key) for role, key in keys.items()}
+        prompt_message = self.cache.get(prompt_key(prompt)) if prompt else None
+        missing = [(role, data, focus) for role, data, focus in inputs if found[role] is None]
         start = time.perf_counter()
-        encoding = await self.host.run(model.encode, inputs, request.prompt, budget)
-        seconds = time.perf_counter() - start
-        longest = max(e.tokens.shape[1] for e in encoding.images)
+        hit = not missing and (prompt is None or prompt_message is not None)
+        if not hit:
+            images = await asyncio.to_thread(
+                lambda: [(role, decode_image(data, f"images[{role}]", self.max_pixels), focus)
+                         for role, data, focus in missing])
+            async with self.host.turn("Encode"):
+                encodings, prompt_tensor = await self.host.run(
+                    model.encode_parts, images, prompt if prompt_message is None else None, budget)
+            for encoding in encodings:
+                found[encoding.role] = image_message(encoding)
+                self.cache.put(keys[encoding.role], found[encoding.role])
+            if prompt_tensor is not None:
+                prompt_message = pb.PaddedTensor(tensor=to_wire(prompt_tensor), valid_length=prompt_tensor.shape[1])
+                self.cache.put(prompt_key(prompt), prompt_message)
+        self.host.metrics.cache.labels("hit" if hit else "miss").inc()
+
+        longest = max(found[role].tokens.valid_length for role, _, _ in inputs)
         if pad_to is not None and pad_to < longest:
             raise InvalidArgument("pad_to", f"pad_to={pad_to} is shorter than the {longest} image tokens produced")
-        bundle = bundle_message(encoding, model.fingerprint, str(model.dtype).removeprefix("torch."), pad_to)
-        return pb.EncodeResponse(request_id=request.request_id, bundle=bundle, encode_seconds=seconds)
+        bundle = pb.EmbeddingBundle(fingerprint=model.fingerprint, pooled=self.pooled,
+                                    dtype=str(model.dtype).removeprefix("torch."))
+        for role, _, _ in inputs:
+            embedding = bundle.images.add()
+            embedding.CopyFrom(found[role])
+            embedding.tokens.CopyFrom(pad_tokens(found[role].tokens, pad_to or bucket(longest)))
+        if prompt_message is not None:
+            bundle.prompt.CopyFrom(prompt_message)
+        return pb.EncodeResponse(request_id=request.request_id, bundle=bundle,
+                                 encode_seconds=time.perf_counter() - start, cache_hit=hit)
 
     @rpc_method
     async def ComputeControlMaps(self, request: pb.ControlMapsRequest, context) -> pb.ControlMapsResponse:
@@ -106,7 +135,8 @@ class EncoderServicer(pb_grpc.EncoderServicer):
         image = await asyncio.to_thread(decode_image, request.image.data, "image", self.max_pixels)
         if request.resize_like_generator:
             image = resize_for_generation(image)
-        maps = await self.host.run(model.control_maps, image, kinds, detector, radius)
+        async with self.host.turn("ComputeControlMaps"):
+            maps = await self.host.run(model.control_maps, image, kinds, detector, radius)
         encoded = await asyncio.to_thread(lambda: [(kind, image_bytes(m), used) for kind, m, used in maps])
         return pb.ControlMapsResponse(request_id=request.request_id, maps=[
             pb.ControlMap(kind=KIND_VALUES[kind], image=pb.ImageData(data=data), detector=used)
@@ -118,6 +148,7 @@ class EncoderServicer(pb_grpc.EncoderServicer):
         return pb.ServerInfo(
             role="encoder", fingerprint=model.fingerprint, dtype=str(model.dtype).removeprefix("torch."),
             device=str(model.device), versions=pb.Versions(**versions()), checkpoints=str(model.layout.root),
-            limits=pb.Limits(max_message_bytes=self.args.max_message_bytes, max_image_pixels=self.max_pixels),
+            limits=pb.Limits(max_message_bytes=self.args.max_message_bytes, max_image_pixels=self.max_pixels,
+                             max_queue=self.args.max_queue),
             components=["qwen2-vl", "connector", "t5", "t5_embedder", "clip (pooled of \"\")"],
             line_detectors=model.control.line_detectors())

@@ -14,10 +14,10 @@ def _add_servicer(server, host, args):
     pb_grpc.add_GeneratorServicer_to_server(GeneratorServicer(host, args), server)
 
 
-def _make_model(checkpoints, **kwargs):
+def _make_model(args, **kwargs):
     from .pipeline import FluxGenerator
 
-    return FluxGenerator(checkpoints, **kwargs)
+    return FluxGenerator(args.checkpoints, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,7 @@ class GenerationJob:
     control_maps: dict[str, Image.Image] = field(default_factory=dict)   # kind -> map
     ignored: list[str] = field(default_factory=list)   # parameters set that this mode does not use
     timings: dict = field(default_factory=dict)
+    images: list[Image.Image] = field(default_factory=list)
 
 
 def shifted_sigmas(steps: int, image_seq_len: int, config) -> np.ndarray:

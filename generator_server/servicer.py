@@ -13,12 +13,12 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from qwen2vl_flux.client.errors import InvalidArgument, ModelMismatch
-from qwen2vl_flux.client.images import (DEFAULT_MAX_PIXELS, alpha_mask, decode_image, decode_mask,
-                                        resize_for_generation)
+from qwen2vl_flux.client.images import alpha_mask, decode_image, decode_mask, resize_for_generation
 from qwen2vl_flux.client.modes import (MAX_IMAGE_COUNT, MAX_STEPS, ROLE_INPUT, Mode, control_maps_used,
                                        resolve_parameters, transformer_role)
 from qwen2vl_flux.client.wire import mode_from_proto, params_from_proto, params_to_proto
-from qwen2vl_flux.serving.server import ModelHost, log_event, rpc_method, rpc_stream, versions
+from qwen2vl_flux.serving.server import (Cancelled, ModelHost, log_event, request_id, rpc_method, rpc_stream,
+                                         versions)
 from qwen2vl_flux.serving.tensors import from_wire
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
@@ -102,7 +102,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
     def __init__(self, host: ModelHost, args):
         self.host = host
         self.args = args
-        self.max_pixels = DEFAULT_MAX_PIXELS
+        self.max_pixels = args.max_image_pixels
 
     def _job(self, request: pb.GenerateRequest, model: FluxGenerator) -> GenerationJob:
         mode = mode_from_proto(request.mode)
@@ -150,57 +150,74 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
     async def Generate(self, request: pb.GenerateRequest, context):
         received = time.perf_counter()
         model = self.host.require()
+        rid = request_id(request, context)
         job = await asyncio.to_thread(self._job, request, model)
+        async with self.host.turn("Generate"):
+            job.timings["queue"] = time.perf_counter() - received
+            async for event in self._run_job(job, model, rid):
+                yield event
+        images = job.images
+
+        # Image encoding runs after the model is released: the next request's denoise overlaps it.
+        start = time.perf_counter()
+        metadata = {"mode": job.mode.value, "parameters": job.params, "versions": versions()}
+        for index, image in enumerate(images):
+            fmt, data = await asyncio.to_thread(encode_output, image, request.output, dict(metadata, index=index))
+            yield pb.GenerateEvent(image=pb.GeneratedImage(index=index, format=fmt, data=data,
+                                                           width=image.width, height=image.height))
+        job.timings["image_encode"] = time.perf_counter() - start
+        t = job.timings
+        yield pb.GenerateEvent(summary=pb.GenerationSummary(
+            request_id=rid, mode=request.mode, effective=params_to_proto(job.params),
+            ignored_parameters=job.ignored, width=images[0].width, height=images[0].height,
+            timings=pb.Timings(queue_seconds=t["queue"], prepare_seconds=t.get("prepare", 0.0),
+                               denoise_seconds=t.get("denoise", 0.0), decode_seconds=t.get("decode", 0.0),
+                               image_encode_seconds=t["image_encode"], total_seconds=time.perf_counter() - received)))
+
+    async def _run_job(self, job: GenerationJob, model: FluxGenerator, rid: str):
+        """Run the job on the model thread, streaming a progress event per step. If the
+        caller goes away (cancel, deadline), the loop stops before its next step."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
-        denoise_start = [0.0]
+        clock = {"start": 0.0, "last": 0.0}
+        step_time = self.host.metrics.step_time.labels("generator")
 
         def on_step(step: int, total: int) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (step, total))
+            now = time.perf_counter()
+            step_time.observe(now - clock["last"])
+            clock["last"] = now
+            loop.call_soon_threadsafe(events.put_nowait, (step, total, now - clock["start"]))
 
         def work():
-            denoise_start[0] = time.perf_counter()
-            return model.generate(job, on_step=on_step, cancelled=stop.is_set)
+            clock["start"] = clock["last"] = time.perf_counter()
+            try:
+                return model.generate(job, on_step=on_step, cancelled=stop.is_set)
+            except Cancelled as e:
+                log_event("generation stopped", request_id=rid, detail=str(e))
+                raise
 
         task = asyncio.ensure_future(self.host.run(work))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody awaits
         try:
             while True:
                 getter = asyncio.ensure_future(events.get())
                 done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    step, total = getter.result()
-                    yield pb.GenerateEvent(progress=pb.Progress(
-                        step=step, total=total, stage="denoise",
-                        elapsed_seconds=time.perf_counter() - denoise_start[0]))
-                    continue
-                getter.cancel()
-                while not events.empty():
-                    step, total = events.get_nowait()
-                    yield pb.GenerateEvent(progress=pb.Progress(step=step, total=total, stage="denoise"))
-                break
-            images = task.result()
+                if getter not in done:
+                    getter.cancel()
+                    break
+                step, total, elapsed = getter.result()
+                yield pb.GenerateEvent(progress=pb.Progress(step=step, total=total, stage="denoise",
+                                                            elapsed_seconds=elapsed))
+            while not events.empty():
+                step, total, elapsed = events.get_nowait()
+                yield pb.GenerateEvent(progress=pb.Progress(step=step, total=total, stage="denoise",
+                                                            elapsed_seconds=elapsed))
+            job.images = task.result()
         finally:
             if not task.done():
                 stop.set()
-                log_event("stopping generation", request_id=request.request_id)
-
-        start = time.perf_counter()
-        metadata = {"mode": job.mode.value, "parameters": job.params, "versions": versions()}
-        for index, image in enumerate(images):
-            fmt, data = await asyncio.to_thread(encode_output, image, request.output,
-                                                dict(metadata, index=index))
-            yield pb.GenerateEvent(image=pb.GeneratedImage(index=index, format=fmt, data=data,
-                                                           width=image.width, height=image.height))
-        job.timings["image_encode"] = time.perf_counter() - start
-        yield pb.GenerateEvent(summary=pb.GenerationSummary(
-            request_id=request.request_id, mode=request.mode, effective=params_to_proto(job.params),
-            ignored_parameters=job.ignored, width=images[0].width, height=images[0].height,
-            timings=pb.Timings(prepare_seconds=job.timings.get("prepare", 0.0),
-                               denoise_seconds=job.timings.get("denoise", 0.0),
-                               decode_seconds=job.timings.get("decode", 0.0),
-                               image_encode_seconds=job.timings["image_encode"],
-                               total_seconds=time.perf_counter() - received)))
+                log_event("stopping generation", request_id=rid)
 
     @rpc_method
     async def GetInfo(self, request, context) -> pb.ServerInfo:
@@ -209,6 +226,6 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             role="generator", fingerprint=model.fingerprint, dtype=str(model.dtype).removeprefix("torch."),
             device=str(model.device), versions=pb.Versions(**versions()), checkpoints=str(model.layout.root),
             limits=pb.Limits(max_message_bytes=self.args.max_message_bytes, max_image_pixels=self.max_pixels,
-                             max_image_count=MAX_IMAGE_COUNT, max_steps=MAX_STEPS),
+                             max_image_count=MAX_IMAGE_COUNT, max_steps=MAX_STEPS, max_queue=self.args.max_queue),
             components=["flux-transformer", "vae", "scheduler", "controlnet (on first use)"],
             modes=[m.value for m in Mode])

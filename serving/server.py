@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
+import gc
+import hmac
 import json
 import logging
 import os
@@ -22,13 +25,24 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from qwen2vl_flux.client.errors import InvalidArgument
+from qwen2vl_flux.client.images import DEFAULT_MAX_PIXELS
 from qwen2vl_flux.client.wire import MAX_MESSAGE_BYTES
+
+from .metrics import Metrics
 
 log = logging.getLogger("qwen2vl_flux")
 
 
 class NotReady(RuntimeError):
     """Weights are still loading."""
+
+
+class Draining(RuntimeError):
+    """SIGTERM arrived: running and queued requests finish, new ones go elsewhere."""
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than --max-queue allows."""
 
 
 class Cancelled(RuntimeError):
@@ -49,6 +63,18 @@ def base_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES)
     p.add_argument("--grace-seconds", type=float, default=30.0,
                    help="on SIGTERM, time given to running requests before exit")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests allowed to wait behind the running one; beyond: RESOURCE_EXHAUSTED at once")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="uploads larger than this are refused before decoding")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--token-file", default=None,
+                   help="require this bearer token (file content; or set QWEN2VL_FLUX_TOKEN); health stays open")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates (mutual TLS)")
+    p.add_argument("--health-port", type=int, default=None,
+                   help="also serve grpc.health.v1 alone, in plaintext, on this port (for probes under mTLS)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -109,32 +135,73 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
     if isinstance(error, InvalidArgument):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    if isinstance(error, NotReady):
+    if isinstance(error, (NotReady, Draining)):
         return grpc.StatusCode.UNAVAILABLE, str(error)
+    if isinstance(error, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
     if isinstance(error, NotImplementedError):
         return grpc.StatusCode.UNIMPLEMENTED, str(error)
     if isinstance(error, Cancelled):
         return grpc.StatusCode.CANCELLED, str(error)
     if isinstance(error, torch.cuda.OutOfMemoryError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"GPU out of memory: {error}"
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"GPU out of memory; memory was released, retry smaller: {error}"
     return grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
 
 
+def request_id(request, context) -> str:
+    rid = getattr(request, "request_id", "")
+    if not rid:
+        rid = dict(context.invocation_metadata() or ()).get("x-request-id", "")
+    return rid
+
+
+class _Call:
+    """Bookkeeping of one RPC: drain refusal, in-flight count, logs, metrics."""
+
+    def __init__(self, host: "ModelHost", rpc: str, request, context):
+        self.host, self.rpc = host, rpc
+        self.rid = request_id(request, context)
+        self.start = time.perf_counter()
+
+    def __enter__(self):
+        if self.host.draining:
+            raise Draining("this server is shutting down; retry (another replica, or this one once restarted)")
+        self.host.active += 1
+        return self
+
+    def __exit__(self, *exc):
+        self.host.active -= 1
+
+    def done(self, status: str, error: str = "", exc: BaseException | None = None) -> None:
+        seconds = time.perf_counter() - self.start
+        if self.host.metrics is not None:
+            self.host.metrics.observe_rpc(self.rpc, status, seconds)
+        fields = dict(rpc=self.rpc, request_id=self.rid, status=status, seconds=round(seconds, 4))
+        if error:
+            fields["error"] = error
+        if status == "INTERNAL":
+            log.error("rpc failed", exc_info=exc, extra={"fields": fields})
+        else:
+            log_event("rpc done" if status == "OK" else "rpc failed", **fields)
+
+
 def rpc_method(fn: Callable) -> Callable:
-    """Map exceptions of a unary RPC handler to gRPC statuses; log each call."""
+    """Unary handler: every exception becomes a gRPC status with a message; each call is logged and counted."""
 
     @functools.wraps(fn)
     async def wrapper(self, request, context):
-        start = time.perf_counter()
-        rid = getattr(request, "request_id", "")
+        call = _Call(self.host, fn.__name__, request, context)
         try:
-            response = await fn(self, request, context)
+            with call:
+                response = await fn(self, request, context)
+        except asyncio.CancelledError:
+            call.done("CANCELLED")
+            raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a status
             code, message = status_for(e)
-            _log_failure(fn.__name__, rid, code, message, e, start)
+            call.done(code.name, message, e)
             await context.abort(code, message)
-        log_event("rpc done", rpc=fn.__name__, request_id=rid, status="OK",
-                  seconds=round(time.perf_counter() - start, 4))
+        call.done("OK")
         return response
 
     return wrapper
@@ -145,41 +212,37 @@ def rpc_stream(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     async def wrapper(self, request, context):
-        start = time.perf_counter()
-        rid = getattr(request, "request_id", "")
+        call = _Call(self.host, fn.__name__, request, context)
         try:
-            async for item in fn(self, request, context):
-                yield item
+            with call:
+                async for item in fn(self, request, context):
+                    yield item
         except asyncio.CancelledError:
-            log_event("rpc cancelled by client", rpc=fn.__name__, request_id=rid)
+            call.done("CANCELLED")
+            log_event("rpc cancelled by client", rpc=fn.__name__, request_id=call.rid)
             raise
         except Exception as e:  # noqa: BLE001
             code, message = status_for(e)
-            _log_failure(fn.__name__, rid, code, message, e, start)
+            call.done(code.name, message, e)
             await context.abort(code, message)
-        log_event("rpc done", rpc=fn.__name__, request_id=rid, status="OK",
-                  seconds=round(time.perf_counter() - start, 4))
+        call.done("OK")
 
     return wrapper
-
-
-def _log_failure(rpc: str, rid: str, code, message: str, error: BaseException, start: float) -> None:
-    fields = dict(rpc=rpc, request_id=rid, status=code.name, error=message,
-                  seconds=round(time.perf_counter() - start, 4))
-    if code is grpc.StatusCode.INTERNAL:
-        log.error("rpc failed", exc_info=error, extra={"fields": fields})
-    else:
-        log_event("rpc failed", **fields)
 
 
 # ------------------------------------------------------------------ the shell
 
 class ModelHost:
-    """Holds the model once loaded and runs its work on one thread, one request
-    at a time, off the event loop (so health and streaming stay responsive)."""
+    """The model once loaded, the one thread it runs on, and admission to it: requests
+    run one at a time in arrival order, at most `max_queue` wait, the rest are refused."""
 
-    def __init__(self):
+    def __init__(self, role: str, max_queue: int, metrics: Metrics | None = None):
+        self.role, self.max_queue, self.metrics = role, max_queue, metrics
         self.model = None
+        self.draining = False
+        self.active = 0            # RPC handlers in flight (drain waits for them)
+        self.waiting = 0
+        self._turn = asyncio.Lock()  # FIFO: waiters are woken in arrival order
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     def require(self):
@@ -187,35 +250,143 @@ class ModelHost:
             raise NotReady("the model is still loading; retry when health reports SERVING")
         return self.model
 
+    @contextlib.asynccontextmanager
+    async def turn(self, rpc: str):
+        """Wait for the model in arrival order, or be refused at once when the queue is full."""
+        self.require()
+        if self._turn.locked() and self.waiting >= self.max_queue:
+            if self.metrics is not None:
+                self.metrics.rejected.labels(self.role, "queue_full").inc()
+            raise QueueFull(f"{self.role} is busy: {self.waiting} requests already wait (--max-queue "
+                            f"{self.max_queue}); retry later or add replicas")
+        self.waiting += 1
+        self._gauge()
+        start = time.perf_counter()
+        try:
+            await self._turn.acquire()
+        finally:
+            self.waiting -= 1
+            self._gauge()
+        if self.metrics is not None:
+            self.metrics.queue_time.labels(self.role, rpc).observe(time.perf_counter() - start)
+            self.metrics.in_flight.labels(self.role).set(1)
+        try:
+            yield
+        finally:
+            self._turn.release()
+            if self.metrics is not None:
+                self.metrics.in_flight.labels(self.role).set(0)
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queued.labels(self.role).set(self.waiting)
+
     async def run(self, fn: Callable, *args, **kwargs):
+        """Run on the model thread. A CUDA out-of-memory error releases the cached
+        memory before it propagates, so the next request starts clean."""
+
+        def guarded():
+            import torch
+
+            try:
+                return fn(*args, **kwargs)
+            except torch.cuda.OutOfMemoryError:
+                gc.collect()
+                torch.cuda.empty_cache()
+                raise
+
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        return await loop.run_in_executor(self._executor, guarded)
 
 
-async def serve(args: argparse.Namespace, role: str, service_name: str, descriptor_names: list[str],
+class TokenAuth(grpc.aio.ServerInterceptor):
+    """Shared-token auth from `authorization: Bearer <token>` metadata. Health stays
+    open so orchestrators' gRPC probes work without the secret."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if details.method.startswith("/grpc.health.v1.Health/") or handler is None:
+            return handler
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode(), self._expected):
+            return handler
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong token: send metadata 'authorization: Bearer <token>'")
+
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(deny, handler.request_deserializer,
+                                                        handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+
+
+def _read_token(args) -> str | None:
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    else:
+        token = os.environ.get("QWEN2VL_FLUX_TOKEN", "").strip()
+    return token or None
+
+
+def _server_credentials(args) -> grpc.ServerCredentials | None:
+    if not args.tls_cert and not args.tls_key:
+        if args.tls_client_ca:
+            raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise SystemExit("TLS needs both --tls-cert and --tls-key")
+    client_ca = Path(args.tls_client_ca).read_bytes() if args.tls_client_ca else None
+    return grpc.ssl_server_credentials([(Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())],
+                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+async def serve(args: argparse.Namespace, role: str, service_name: str,
                 add_servicer: Callable[[grpc.aio.Server, ModelHost], None],
                 load_model: Callable[[], Any]) -> int:
-    host = ModelHost()
+    """Bind, answer health NOT_SERVING while the weights load, then SERVING; on SIGTERM
+    refuse new calls, let running and queued ones finish within --grace-seconds, exit 0."""
+    metrics = Metrics(role)
+    if args.metrics_port is not None:
+        metrics.serve(args.host, args.metrics_port)
+    host = ModelHost(role, args.max_queue, metrics)
     options = [("grpc.max_receive_message_length", args.max_message_bytes),
                ("grpc.max_send_message_length", args.max_message_bytes),
                ("grpc.so_reuseport", 0)]
-    server = grpc.aio.server(options=options)
+    token = _read_token(args)
+    server = grpc.aio.server(options=options, interceptors=[TokenAuth(token)] if token else [])
     add_servicer(server, host)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(descriptor_names + [health.SERVICE_NAME, reflection.SERVICE_NAME],
-                                        server)
-    for name in (service_name, ""):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    reflection.enable_server_reflection([service_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+
+    async def set_health(status) -> None:
+        for name in (service_name, ""):
+            await health_servicer.set(name, status)
+
+    await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    credentials = _server_credentials(args)
+    address = f"{args.host}:{args.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
-        raise SystemExit(f"cannot listen on {args.host}:{args.port}")
-    await server.start()
+        raise SystemExit(f"cannot listen on {address}")
+    servers = [server]
+    if args.health_port is not None:
+        probe = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe)
+        probe.add_insecure_port(f"{args.host}:{args.health_port}")
+        servers.append(probe)
+    for s in servers:
+        await s.start()
     if args.port_file:
         tmp = Path(args.port_file + ".tmp")
         tmp.write_text(str(port))
         os.replace(tmp, args.port_file)
-    log_event("listening", address=f"{args.host}:{port}", pid=os.getpid())
+    log_event("listening", address=f"{args.host}:{port}", pid=os.getpid(), tls=credentials is not None,
+              mutual_tls=bool(args.tls_client_ca), token=token is not None, max_queue=args.max_queue)
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -223,22 +394,29 @@ async def serve(args: argparse.Namespace, role: str, service_name: str, descript
         loop.add_signal_handler(sig, stopping.set)
 
     start = time.perf_counter()
-    try:
-        host.model = await loop.run_in_executor(host._executor, load_model)
-    except Exception:  # noqa: BLE001 - a server without weights must not pretend to serve
-        log.exception("loading the model failed", extra={"fields": {"checkpoints": args.checkpoints}})
-        await server.stop(0)
-        return 2
-    for name in (service_name, ""):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log_event("serving", load_seconds=round(time.perf_counter() - start, 2))
+    loading = asyncio.ensure_future(loop.run_in_executor(host._executor, load_model))
+    await asyncio.wait({loading, asyncio.ensure_future(stopping.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    if not stopping.is_set():
+        try:
+            host.model = loading.result()
+        except Exception:  # noqa: BLE001 - a server without weights must not pretend to serve
+            log.exception("loading the model failed", extra={"fields": {"checkpoints": args.checkpoints}})
+            for s in servers:
+                await s.stop(0)
+            return 2
+        await set_health(health_pb2.HealthCheckResponse.SERVING)
+        log_event("serving", load_seconds=round(time.perf_counter() - start, 2))
+        await stopping.wait()
 
-    await stopping.wait()
-    log_event("draining", grace_seconds=args.grace_seconds)
-    for name in (service_name, ""):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(args.grace_seconds)
-    log_event("stopped")
+    host.draining = True
+    await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    log_event("draining", in_flight=host.active, grace_seconds=args.grace_seconds)
+    deadline = time.monotonic() + args.grace_seconds
+    while host.active and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    for s in servers:
+        await s.stop(max(0.0, deadline - time.monotonic()))
+    log_event("stopped", unfinished=host.active)
     return 0
 
 
@@ -262,14 +440,17 @@ def versions() -> dict[str, str]:
 
 def run(role: str, default_port: int, service: str, argv: list[str] | None,
         add_servicer: Callable[[grpc.aio.Server, ModelHost, argparse.Namespace], None],
-        make_model: Callable[..., Any]) -> int:
-    """A server process from argv to exit code: `make_model(checkpoints, device=, dtype=)`
+        make_model: Callable[..., Any], extra_args: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """A server process from argv to exit code: `make_model(args, device=, dtype=)`
     loads the weights once the port is bound; `add_servicer` registers the RPCs."""
-    args = base_parser(role, default_port).parse_args(argv)
+    parser = base_parser(role, default_port)
+    if extra_args is not None:
+        extra_args(parser)
+    args = parser.parse_args(argv)
     setup_logging(role, args.log_level)
     device = resolve_device(args.device, role)
     dtype = resolve_dtype(args.dtype, device)
     return asyncio.run(serve(
-        args, role, service, [service],
+        args, role, service,
         lambda server, host: add_servicer(server, host, args),
-        lambda: make_model(args.checkpoints, device=device, dtype=dtype)))
+        lambda: make_model(args, device=device, dtype=dtype)))

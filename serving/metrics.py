@@ -1,0 +1,44 @@
+"""Prometheus metrics of one server process, served on `--metrics-port`."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self, role: str):
+        self.registry = CollectorRegistry()
+        labels = {"registry": self.registry}
+        self.requests = Counter("qwen2vl_flux_requests_total", "RPCs by method and final status",
+                                ["role", "rpc", "status"], **labels)
+        self.duration = Histogram("qwen2vl_flux_request_duration_seconds", "RPC wall time by method and status",
+                                  ["role", "rpc", "status"], buckets=_SECONDS, **labels)
+        self.queue_time = Histogram("qwen2vl_flux_queue_seconds", "time an admitted request waited for the model",
+                                    ["role", "rpc"], buckets=_SECONDS, **labels)
+        self.step_time = Histogram("qwen2vl_flux_denoise_step_seconds", "one denoise step (generator)",
+                                   ["role"], buckets=_SECONDS, **labels)
+        self.in_flight = Gauge("qwen2vl_flux_in_flight", "requests running on the model", ["role"], **labels)
+        self.queued = Gauge("qwen2vl_flux_queued", "requests waiting for the model", ["role"], **labels)
+        self.rejected = Counter("qwen2vl_flux_rejected_total", "requests refused at admission", ["role", "reason"],
+                                **labels)
+        self.gpu_memory = Gauge("qwen2vl_flux_gpu_memory_bytes", "GPU memory of this process",
+                                ["role", "kind"], **labels)
+        self.cache = Counter("qwen2vl_flux_encoder_cache_total", "encoder cache lookups", ["result"], **labels)
+        self.role = role
+        self.gpu_memory.labels(role, "allocated").set_function(lambda: _cuda("memory_allocated"))
+        self.gpu_memory.labels(role, "reserved").set_function(lambda: _cuda("memory_reserved"))
+        self.gpu_memory.labels(role, "peak_allocated").set_function(lambda: _cuda("max_memory_allocated"))
+
+    def serve(self, host: str, port: int) -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def observe_rpc(self, rpc: str, status: str, seconds: float) -> None:
+        self.requests.labels(self.role, rpc, status).inc()
+        self.duration.labels(self.role, rpc, status).observe(seconds)
+
+
+def _cuda(name: str) -> float:
+    import torch
+
+    return float(getattr(torch.cuda, name)()) if torch.cuda.is_available() and torch.cuda.is_initialized() else 0.0
