@@ -22,7 +22,7 @@ def _add_servicer(server, host, args):
 def _make_model(args, **kwargs):
     from .model import Qwen2VLFluxEncoder
 
-    return Qwen2VLFluxEncoder(args.checkpoints, **kwargs)
+    return Qwen2VLFluxEncoder(args.checkpoints, random_weights=args.random_weights, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

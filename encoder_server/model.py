@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from qwen2vl_flux.checkpoints import CheckpointError, CheckpointLayout
+from qwen2vl_flux.checkpoints import CheckpointError, CheckpointLayout, full_size
 from qwen2vl_flux.checkpoints.projections import load_linear
 from qwen2vl_flux.client.modes import T5_MAX_LENGTH, Focus
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
@@ -20,6 +20,9 @@ from .control_maps import ControlMapper, denoise_map
 # the prefix (system prompt included) and the image, not on this trailing text.
 QWEN_MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
 CLIP_MAX_LENGTH = 77
+QWEN_SPECIAL_IDS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                    "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+                    "bos_token_id": "<|endoftext|>", "eos_token_id": "<|im_end|>"}
 
 
 @dataclass
@@ -41,41 +44,54 @@ def focus_weights(grid_h: int, grid_w: int, focus: Focus) -> torch.Tensor:
 
 
 class Qwen2VLFluxEncoder:
-    def __init__(self, checkpoints: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, checkpoints: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 random_weights: str | None = None):
+        """`random_weights="full"` builds full-size models with random weights on the device
+        (GPU tests, benchmarks); tokenizers and processor still come from `checkpoints`."""
         from transformers import AutoTokenizer, CLIPTextModel, Qwen2VLModel, T5EncoderModel
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         layout = CheckpointLayout(Path(checkpoints))
-        layout.require(layout.qwen, layout.connector, layout.t5_embedder, layout.t5, layout.t5_tokenizer,
-                       layout.clip, layout.clip_tokenizer)
+        layout.require(layout.qwen, layout.t5_tokenizer, layout.clip_tokenizer)
+        if not random_weights:
+            layout.require(layout.connector, layout.t5_embedder, layout.t5, layout.clip)
         self.device, self.dtype, self.layout = torch.device(device), dtype, layout
 
-        # Eager vision attention and eager T5 reproduce the reference bit for bit (MODEL_NOTES).
-        self.qwen = Qwen2VLModel.from_pretrained(
-            layout.qwen, dtype=dtype, attn_implementation={"text_config": "sdpa", "vision_config": "eager"},
-        ).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(layout.qwen)
         # The PIL backend matches the reference's pixel values exactly (torchvision's does not).
         self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(layout.qwen)
         self.prompt_text = self.tokenizer.apply_chat_template(
             QWEN_MESSAGES, chat_template=self._chat_template(), tokenize=False, add_generation_prompt=True)
+        self.t5_tokenizer = AutoTokenizer.from_pretrained(layout.t5_tokenizer)
+        clip_tokenizer = AutoTokenizer.from_pretrained(layout.clip_tokenizer)
+        if random_weights:
+            special = {name: self.tokenizer.convert_tokens_to_ids(token) for name, token in QWEN_SPECIAL_IDS.items()}
+            self.qwen = full_size.qwen2_vl(self.device, dtype, special)
+            self.t5 = full_size.t5_encoder(self.device, dtype)
+            clip = full_size.clip_text(self.device, dtype, clip_tokenizer.bos_token_id, clip_tokenizer.eos_token_id)
+            self.connector = full_size.linear(self.device, dtype, full_size.CONNECTOR, full_size.SEED + 10)
+            self.t5_embedder = full_size.linear(self.device, dtype, full_size.T5_EMBEDDER, full_size.SEED + 11)
+            checkpoint_id = full_size.CHECKPOINT_ID
+        else:
+            # Eager vision attention and eager T5 reproduce the reference bit for bit (MODEL_NOTES).
+            self.qwen = Qwen2VLModel.from_pretrained(
+                layout.qwen, dtype=dtype, attn_implementation={"text_config": "sdpa", "vision_config": "eager"},
+            ).to(self.device).eval()
+            qwen_hidden = self.qwen.config.text_config.hidden_size
+            self.connector = load_linear(layout.connector, expect_in=qwen_hidden).to(self.device, dtype).eval()
+            self.t5 = T5EncoderModel.from_pretrained(layout.t5, dtype=dtype, attn_implementation="eager")
+            self.t5 = self.t5.to(self.device).eval()
+            self.t5_embedder = load_linear(layout.t5_embedder, expect_in=self.t5.config.d_model)
+            self.t5_embedder = self.t5_embedder.to(self.device, dtype).eval()
+            clip = CLIPTextModel.from_pretrained(layout.clip, dtype=dtype).to(self.device).eval()
+            checkpoint_id = layout.checkpoint_id()
         self.image_token_id = self.qwen.config.image_token_id
         self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
         if self.prompt_text.count(self.image_token) != 1:
             raise CheckpointError(f"{layout.qwen}: the chat template does not place one {self.image_token}")
-        qwen_hidden = self.qwen.config.text_config.hidden_size
-        self.connector = load_linear(layout.connector, expect_in=qwen_hidden).to(self.device, dtype).eval()
-
-        self.t5_tokenizer = AutoTokenizer.from_pretrained(layout.t5_tokenizer)
-        self.t5 = T5EncoderModel.from_pretrained(layout.t5, dtype=dtype, attn_implementation="eager")
-        self.t5 = self.t5.to(self.device).eval()
-        self.t5_embedder = load_linear(layout.t5_embedder, expect_in=self.t5.config.d_model)
-        self.t5_embedder = self.t5_embedder.to(self.device, dtype).eval()
 
         # The prompt never reaches CLIP: its pooled output of "" is a constant,
         # computed once here; CLIP is then released.
-        clip_tokenizer = AutoTokenizer.from_pretrained(layout.clip_tokenizer)
-        clip = CLIPTextModel.from_pretrained(layout.clip, dtype=dtype).to(self.device).eval()
         ids = clip_tokenizer([""], padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
                              return_tensors="pt").input_ids
         with torch.inference_mode():
@@ -85,7 +101,7 @@ class Qwen2VLFluxEncoder:
         # The reference runs Depth Anything and MTEED in float32 whatever the model dtype.
         self.control = ControlMapper(layout, device=self.device, dtype=torch.float32)
         self.fingerprint = pb.ModelFingerprint(
-            family="qwen2vl-flux", checkpoint_id=layout.checkpoint_id(), qwen_hidden_size=qwen_hidden,
+            family="qwen2vl-flux", checkpoint_id=checkpoint_id, qwen_hidden_size=self.connector.in_features,
             joint_attention_dim=self.connector.out_features, inner_dim=self.t5_embedder.out_features,
             pooled_dim=self.pooled.shape[-1], t5_max_length=T5_MAX_LENGTH)
 

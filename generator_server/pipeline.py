@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qwen2vl_flux.checkpoints import CheckpointLayout
+from qwen2vl_flux.checkpoints import CheckpointLayout, full_size
 from qwen2vl_flux.checkpoints.projections import load_linear
 from qwen2vl_flux.client.modes import (ROLE_INPUT, T5_MAX_LENGTH, Mode, control_maps_used, generation_size,
-                                       transformer_role, variation_size)
+                                       resolve_parameters, transformer_role, variation_size)
 from qwen2vl_flux.serving.server import Cancelled
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 
@@ -48,6 +48,34 @@ class GenerationJob:
     images: list[Image.Image] = field(default_factory=list)
 
 
+class _StepReporter:
+    """Reports finished steps without stalling the GPU: on CUDA each step records an
+    event, and a step is reported once its event has completed (polled, never waited
+    for inside the loop), so the CPU keeps queueing work ahead of the GPU."""
+
+    def __init__(self, on_step: StepCallback | None, total: int, cuda: bool):
+        self.on_step, self.total, self.cuda = on_step, total, cuda
+        self.pending: list[tuple[int, torch.cuda.Event]] = []
+
+    def step_launched(self, step: int) -> None:
+        if self.on_step is None:
+            return
+        if not self.cuda:
+            self.on_step(step, self.total)
+            return
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((step, event))
+        while self.pending and self.pending[0][1].query():
+            self.on_step(self.pending.pop(0)[0], self.total)
+
+    def finish(self) -> None:
+        for step, event in self.pending:
+            event.synchronize()
+            self.on_step(step, self.total)
+        self.pending.clear()
+
+
 def shifted_sigmas(steps: int, image_seq_len: int, config) -> np.ndarray:
     """FLUX.1-dev's resolution-dependent shift of linspace(1, 1/N, N), in float64
     (diffusers casts to float32 before shifting; the reference shifts in float64)."""
@@ -58,21 +86,31 @@ def shifted_sigmas(steps: int, image_seq_len: int, config) -> np.ndarray:
 
 
 class FluxGenerator:
-    def __init__(self, checkpoints: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, checkpoints: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 random_weights: str | None = None):
+        """`random_weights="full"` builds FLUX.1-dev-sized models with random weights on the
+        device (GPU tests, benchmarks); the scheduler config still comes from `checkpoints`."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from diffusers.image_processor import VaeImageProcessor
 
         layout = CheckpointLayout(Path(checkpoints))
-        layout.require(layout.transformer, layout.vae, layout.scheduler, layout.connector, layout.t5_embedder)
+        layout.require(layout.scheduler)
+        if not random_weights:
+            layout.require(layout.transformer, layout.vae, layout.connector, layout.t5_embedder)
         self.layout, self.device, self.dtype = layout, torch.device(device), dtype
+        self.random_weights = random_weights
 
-        self.transformer = FluxTransformer2DModel.from_pretrained(layout.transformer, torch_dtype=dtype)
-        self.transformer = self.transformer.to(self.device).eval()
+        if random_weights:
+            self.transformer = full_size.flux_transformer(self.device, dtype)
+            self.vae = full_size.flux_vae(self.device, dtype)
+        else:
+            self.transformer = FluxTransformer2DModel.from_pretrained(layout.transformer, torch_dtype=dtype)
+            self.transformer = self.transformer.to(self.device).eval()
+            self.vae = AutoencoderKL.from_pretrained(layout.vae, torch_dtype=dtype).to(self.device).eval()
         # Qwen states reach FLUX through its own context_embedder, T5 states through
         # t5_embedder: keep the former apart and feed the transformer finished tokens.
         self.context_embedder = self.transformer.context_embedder
         self.transformer.context_embedder = torch.nn.Identity()
-        self.vae = AutoencoderKL.from_pretrained(layout.vae, torch_dtype=dtype).to(self.device).eval()
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(layout.scheduler)
         self._scheduler_cls = FlowMatchEulerDiscreteScheduler
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -83,12 +121,76 @@ class FluxGenerator:
         self._controlnet = None
 
         config = self.transformer.config
-        qwen_hidden = load_linear(layout.connector).in_features
+        if random_weights:
+            qwen_hidden, checkpoint_id = full_size.CONNECTOR[0], full_size.CHECKPOINT_ID
+        else:
+            qwen_hidden, checkpoint_id = load_linear(layout.connector).in_features, layout.checkpoint_id()
         self.fingerprint = pb.ModelFingerprint(
-            family="qwen2vl-flux", checkpoint_id=layout.checkpoint_id(), qwen_hidden_size=qwen_hidden,
+            family="qwen2vl-flux", checkpoint_id=checkpoint_id, qwen_hidden_size=qwen_hidden,
             joint_attention_dim=config.joint_attention_dim,
             inner_dim=config.num_attention_heads * config.attention_head_dim,
             pooled_dim=config.pooled_projection_dim, t5_max_length=T5_MAX_LENGTH)
+
+    # ------------------------------------------------------------ speed
+
+    def optimize(self, compile: bool = False, attention: str | None = None, turbo: bool = False,
+                 step_cache: float | None = None) -> None:
+        """Speed options, applied once after loading (and to the ControlNet when it loads).
+
+        attention: a diffusers attention backend ("_native_cudnn" is the fastest SDPA on Hopper).
+        turbo: fp8 weights and activations for the transformer's Linear layers (torchao, row-wise
+        scales), except the norms' modulation, the top-level proj_out and x_embedder.
+        step_cache: first-block cache threshold (changes images slightly; off by default).
+        compile: torch.compile of the repeated blocks (regional compilation).
+        """
+        self._speed = dict(compile=compile, attention=attention)
+        if attention:
+            self.transformer.set_attention_backend(attention)
+        if turbo:
+            self._fp8(self.transformer)
+        if step_cache:
+            from diffusers import FirstBlockCacheConfig
+
+            self.transformer.enable_cache(FirstBlockCacheConfig(threshold=step_cache))
+        if compile:
+            self.transformer.compile_repeated_blocks(fullgraph=True)
+
+    @staticmethod
+    def _fp8(transformer) -> None:
+        try:
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        except ImportError as e:
+            raise RuntimeError("--turbo needs torchao (pip install torchao)") from e
+
+        def quantized(module, name: str) -> bool:
+            parts = name.split(".")
+            keep_precise = name in ("proj_out", "x_embedder") or any(p.startswith("norm") for p in parts)
+            return isinstance(module, torch.nn.Linear) and not keep_precise
+
+        quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=quantized)
+
+    def _optimize_controlnet(self, controlnet) -> None:
+        speed = getattr(self, "_speed", {})
+        if speed.get("attention"):
+            controlnet.set_attention_backend(speed["attention"])
+        if speed.get("compile"):
+            for block in list(controlnet.transformer_blocks) + list(controlnet.single_transformer_blocks):
+                block.compile(fullgraph=True)
+
+    def warm_up(self, modes: list[Mode], size: int = 1024) -> None:
+        """Run each mode once at size x size so compilation happens before health says
+        SERVING. Two text lengths, so torch.compile settles on a dynamic text dimension."""
+        cfg, device, dtype = self.fingerprint, self.device, self.dtype
+        picture = Image.new("RGB", (size, size), (128, 96, 64))
+        for length in (512, 520):
+            cond = Conditioning({"a": torch.randn(1, length, cfg.joint_attention_dim, device=device, dtype=dtype)},
+                                None, torch.randn(1, cfg.pooled_dim, device=device, dtype=dtype))
+            for mode in modes:
+                params, _ = resolve_parameters(mode, {"seed": 0, "steps": 2, "width": size, "height": size}
+                                               if mode is Mode.VARIATION else {"seed": 0, "steps": 2})
+                job = GenerationJob(mode, params, cond, init_image=picture, mask=picture.convert("L"),
+                                    control_maps={"depth": picture, "line": picture})
+                self.generate(job)
 
     @property
     def controlnet(self):
@@ -96,11 +198,15 @@ class FluxGenerator:
         if self._controlnet is None:
             from diffusers import FluxControlNetModel
 
-            self.layout.require(self.layout.controlnet)
-            controlnet = FluxControlNetModel.from_pretrained(self.layout.controlnet, torch_dtype=self.dtype)
-            controlnet = controlnet.to(self.device).eval()
+            if self.random_weights:
+                controlnet = full_size.flux_controlnet(self.device, self.dtype)
+            else:
+                self.layout.require(self.layout.controlnet)
+                controlnet = FluxControlNetModel.from_pretrained(self.layout.controlnet, torch_dtype=self.dtype)
+                controlnet = controlnet.to(self.device).eval()
             self.controlnet_context_embedder = controlnet.context_embedder
             controlnet.context_embedder = torch.nn.Identity()
+            self._optimize_controlnet(controlnet)
             self._controlnet = controlnet
         return self._controlnet
 
@@ -255,6 +361,9 @@ class FluxGenerator:
         ControlNet residuals of each control map summed in, and the inpaint blend
         (keep the noised init image outside the mask) after each step."""
         total = len(timesteps)
+        progress = _StepReporter(on_step, total, latents.is_cuda)
+        if self.transformer.is_cache_enabled:
+            self.transformer._reset_stateful_cache()   # the step cache must not leak across requests
         for i, t in enumerate(timesteps):
             if cancelled():
                 raise Cancelled(f"stopped before step {i + 1} of {total}")
@@ -268,11 +377,12 @@ class FluxGenerator:
                     encoder_hidden_states=control_embeds, txt_ids=text_ids, img_ids=image_ids, return_dict=False)
                 blocks = b if blocks is None else [x + y for x, y in zip(blocks, b)]
                 singles = s if singles is None else [x + y for x, y in zip(singles, s)]
-            noise_pred = self.transformer(
-                hidden_states=latents, timestep=timestep, guidance=guidance, pooled_projections=pooled,
-                encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
-                controlnet_block_samples=blocks, controlnet_single_block_samples=singles, return_dict=False,
-            )[0]
+            with self.transformer.cache_context("cond"):   # a no-op unless --step-cache is on
+                noise_pred = self.transformer(
+                    hidden_states=latents, timestep=timestep, guidance=guidance, pooled_projections=pooled,
+                    encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
+                    controlnet_block_samples=blocks, controlnet_single_block_samples=singles, return_dict=False,
+                )[0]
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if inpaint is not None:
                 mask, image_latents, noise = inpaint
@@ -280,8 +390,8 @@ class FluxGenerator:
                 if i < total - 1:
                     keep = scheduler.scale_noise(image_latents, timesteps[i + 1:i + 2], noise)
                 latents = (1 - mask) * keep + mask * latents
-            if on_step is not None:
-                on_step(i + 1, total)
+            progress.step_launched(i + 1)
+        progress.finish()
         return latents
 
     def decode(self, latents: torch.Tensor, height: int, width: int) -> list[Image.Image]:

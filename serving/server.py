@@ -57,6 +57,9 @@ def base_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: see README)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--random-weights", choices=["full"], default=None,
+                   help="build full-size models with random weights on the device instead of loading them "
+                        "(GPU tests and benchmarks); --checkpoints still supplies tokenizers and configs")
     p.add_argument("--host", default="127.0.0.1", help="listen address (loopback unless asked)")
     p.add_argument("--port", type=int, default=default_port, help="0 picks a free port")
     p.add_argument("--port-file", default=None, help="write the bound port here once listening")
