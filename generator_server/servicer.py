@@ -80,7 +80,8 @@ def encode_output(image: Image.Image, options: pb.OutputOptions, metadata: dict)
     if fmt == pb.PNG:
         info = PngImagePlugin.PngInfo()
         info.add_text(PNG_METADATA_KEY, text)
-        level = options.png_compress_level if options.HasField("png_compress_level") else 4
+        # Level 1: a 1024x1024 PNG in ~30 ms instead of ~300 ms at PIL's default 6.
+        level = options.png_compress_level if options.HasField("png_compress_level") else 1
         if level > 9:
             raise InvalidArgument("png_compress_level", f"png_compress_level must be 0..9, got {level}")
         image.save(buf, format="PNG", pnginfo=info, compress_level=level)

@@ -22,13 +22,22 @@ class Metrics:
         self.queued = Gauge("qwen2vl_flux_queued", "requests waiting for the model", ["role"], **labels)
         self.rejected = Counter("qwen2vl_flux_rejected_total", "requests refused at admission", ["role", "reason"],
                                 **labels)
-        self.gpu_memory = Gauge("qwen2vl_flux_gpu_memory_bytes", "GPU memory of this process",
-                                ["role", "kind"], **labels)
+        self.gpu_memory = Gauge("qwen2vl_flux_gpu_memory_bytes", "GPU memory of this process, per device",
+                                ["role", "kind", "device"], **labels)
         self.cache = Counter("qwen2vl_flux_encoder_cache_total", "encoder cache lookups", ["result"], **labels)
         self.role = role
-        self.gpu_memory.labels(role, "allocated").set_function(lambda: _cuda("memory_allocated"))
-        self.gpu_memory.labels(role, "reserved").set_function(lambda: _cuda("memory_reserved"))
-        self.gpu_memory.labels(role, "peak_allocated").set_function(lambda: _cuda("max_memory_allocated"))
+
+    def track_gpu(self, device) -> None:
+        """GPU memory series for the device the model lives on (others are never touched)."""
+        import torch
+
+        if device.type != "cuda":
+            return
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        for kind, reader in (("allocated", torch.cuda.memory_allocated), ("reserved", torch.cuda.memory_reserved),
+                             ("peak_allocated", torch.cuda.max_memory_allocated)):
+            self.gpu_memory.labels(self.role, kind, str(index)).set_function(
+                lambda reader=reader: float(reader(index)))
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)
@@ -36,9 +45,3 @@ class Metrics:
     def observe_rpc(self, rpc: str, status: str, seconds: float) -> None:
         self.requests.labels(self.role, rpc, status).inc()
         self.duration.labels(self.role, rpc, status).observe(seconds)
-
-
-def _cuda(name: str) -> float:
-    import torch
-
-    return float(getattr(torch.cuda, name)()) if torch.cuda.is_available() and torch.cuda.is_initialized() else 0.0

@@ -407,6 +407,7 @@ async def serve(args: argparse.Namespace, role: str, service_name: str,
             for s in servers:
                 await s.stop(0)
             return 2
+        metrics.track_gpu(host.model.device)
         await set_health(health_pb2.HealthCheckResponse.SERVING)
         log_event("serving", load_seconds=round(time.perf_counter() - start, 2))
         await stopping.wait()
