@@ -30,7 +30,7 @@ from qwen2vl_flux.client.launch import ServerProcess
 
 PROMPT = "a photo of a red circle on a blue background"
 PICTURE = Image.new("RGB", (1024, 768), (90, 140, 200))
-REQUEST = dict(prompt=PROMPT, steps=28, aspect_ratio="1:1")
+REQUEST = dict(steps=28, aspect_ratio="1:1")
 # row: (devices, extra generator flags, also measure new-shape and 4-client throughput)
 ROWS = {
     "b": ({"encoder": "cuda:0", "generator": "cuda:1"}, [], True),
@@ -103,7 +103,7 @@ def _throughput(client: Client, clients: int = 4, each: int = 2) -> float:
 
     def worker(seed: int) -> None:
         for i in range(each):
-            client.variation(PICTURE, seed=seed * 10 + i, **REQUEST)
+            client.variation(PICTURE, prompt=PROMPT, seed=seed * 10 + i, **REQUEST)
             with lock:
                 done.append(1)
 
@@ -151,6 +151,9 @@ def table(results: dict, command: str) -> str:
     for name in ("a", "b", "b1", "c"):
         if name not in rows:
             continue
+        if "error" in rows[name]:
+            lines.append(f"| ({name}) | failed: {rows[name]['error'][:200]} |")
+            continue
         r, m = rows[name], rows[name]["median"]
         if name == "a":
             lines.append(f"| (a) stock diffusers, one GPU, eager | {m['total']:.2f} | 1.00 | {m['pipeline']:.2f} "
@@ -187,8 +190,11 @@ def main() -> None:
     if args.checkpoints:
         results["environment"] = environment()
         for row in args.rows.split(","):
-            results["rows"][row] = (measure_stock(args.checkpoints, args.runs) if row == "a"
-                                    else measure_services(args.checkpoints, row, args.runs))
+            try:
+                results["rows"][row] = (measure_stock(args.checkpoints, args.runs) if row == "a"
+                                        else measure_services(args.checkpoints, row, args.runs))
+            except Exception as e:  # noqa: BLE001 - one broken row must not lose the others
+                results["rows"][row] = {"row": row, "error": f"{type(e).__name__}: {e}"}
             path.write_text(json.dumps(results, indent=1))
             print(json.dumps(results["rows"][row]), flush=True)
     if args.table:
