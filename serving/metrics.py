@@ -26,6 +26,9 @@ class Metrics:
                                 ["role", "kind", "device"], **labels)
         self.cache = Counter("qwen2vl_flux_encoder_cache_total", "encoder cache lookups", ["result"], **labels)
         self.role = role
+        # Present from the start, so an autoscaler can read a fresh replica.
+        self.queued.labels(role).set(0)
+        self.in_flight.labels(role).set(0)
 
     def track_gpu(self, device) -> None:
         """GPU memory series for the device the model lives on (others are never touched)."""

@@ -454,6 +454,12 @@ def run(role: str, default_port: int, service: str, argv: list[str] | None,
     setup_logging(role, args.log_level)
     device = resolve_device(args.device, role)
     dtype = resolve_dtype(args.dtype, device)
+    if device.startswith("cuda"):
+        import torch
+
+        # Make the model's GPU the current one, so nothing (events, compile, stray
+        # default-device tensors) creates a CUDA context on GPU 0 behind our back.
+        torch.cuda.set_device(torch.device(device))
     return asyncio.run(serve(
         args, role, service,
         lambda server, host: add_servicer(server, host, args),
