@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,27 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--radius", type=float, default=None)
     p.add_argument("--out", default="out", help="directory for the images")
     p.add_argument("--format", default="png", choices=["png", "webp", "jpeg", "raw"])
+
+
+def _add_connection_args(p: argparse.ArgumentParser, generator: bool = True) -> None:
+    env = os.environ.get
+    p.add_argument("--encoder", default=env("QWEN2VL_FLUX_ENCODER", "127.0.0.1:50051"),
+                   help="host:port, several comma-separated, or dns:///name:port (env QWEN2VL_FLUX_ENCODER)")
+    if generator:
+        p.add_argument("--generator", default=env("QWEN2VL_FLUX_GENERATOR", "127.0.0.1:50052"),
+                       help="likewise (env QWEN2VL_FLUX_GENERATOR)")
+    p.add_argument("--token-file", default=env("QWEN2VL_FLUX_TOKEN_FILE"),
+                   help="bearer token file (env QWEN2VL_FLUX_TOKEN_FILE, or the token in QWEN2VL_FLUX_TOKEN)")
+    p.add_argument("--tls-ca", default=None, help="PEM CA that signed the servers' certificates")
+    p.add_argument("--tls-cert", default=None, help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", default=None, help="client key (mutual TLS)")
+    p.add_argument("--timeout", type=float, default=600.0, help="deadline of each call, in seconds")
+
+
+def _client(args) -> Client:
+    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("QWEN2VL_FLUX_TOKEN")
+    return Client(encoder=args.encoder, generator=getattr(args, "generator", args.encoder), timeout=args.timeout,
+                  token=token or None, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
 def _write(result: GenerationResult, out: Path, stem: str) -> list[Path]:
@@ -84,7 +106,7 @@ def _generate(client: Client, args, description: str = "denoise") -> GenerationR
 
 
 def cmd_generate(args) -> int:
-    with Client(encoder=args.encoder, generator=args.generator, timeout=args.timeout) as client:
+    with _client(args) as client:
         result = _generate(client, args)
     for path in _write(result, Path(args.out), Path(args.input).stem):
         print(path)
@@ -93,7 +115,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_control_maps(args) -> int:
-    with Client(encoder=args.encoder, timeout=args.timeout) as client:
+    with _client(args) as client:
         result = client.control_maps(args.input, kinds=args.kinds, line_detector=args.line_detector,
                                      denoise_radius=args.denoise_radius)
     out = Path(args.out)
@@ -168,9 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="a ready-made map (depth=IMG or line=IMG) instead of computing it")
     gen.add_argument("--corrected-controlnet", action="store_true", default=None,
                      help="ControlNet modes: the corrected behaviour instead of the reference's quirks")
-    gen.add_argument("--encoder", default="127.0.0.1:50051")
-    gen.add_argument("--generator", default="127.0.0.1:50052")
-    gen.add_argument("--timeout", type=float, default=600.0)
+    _add_connection_args(gen)
     _add_generation_args(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -180,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     maps.add_argument("--kinds", nargs="+", default=["depth", "line"], choices=["depth", "line"])
     maps.add_argument("--line-detector", default="auto", choices=["auto", "anyline", "canny"])
     maps.add_argument("--denoise-radius", type=float, default=None, help="Gaussian blur of the maps, in pixels")
-    maps.add_argument("--encoder", default="127.0.0.1:50051")
-    maps.add_argument("--timeout", type=float, default=600.0)
+    _add_connection_args(maps, generator=False)
     maps.set_defaults(func=cmd_control_maps)
 
     convert = sub.add_parser("convert-depth-anything",
