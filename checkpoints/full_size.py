@@ -4,7 +4,8 @@ For GPU tests and benchmarks without the real weights: the same shapes, FLOPs an
 memory as Qwen2-VL-7B, T5-XXL, CLIP-L, FLUX.1-dev, its union ControlNet and VAE.
 Tokenizers, processor and scheduler configs still come from a checkpoint directory
 (the tiny preset is enough): they decide lengths, not costs. `--random-weights full`
-on both servers selects this.
+on both servers selects this. The sizes are read at call time, so tests can shrink
+them (tests/test_full_size.py).
 """
 from __future__ import annotations
 
@@ -89,9 +90,6 @@ def clip_text(device, dtype, bos: int, eos: int):
 def linear(device, dtype, features: tuple[int, int], seed: int) -> torch.nn.Linear:
     with building(device, dtype, seed):
         return torch.nn.Linear(*features).eval()
-
-
-# The sizes above are read at call time, so tests can shrink them (tests/test_full_size.py).
 
 
 def flux_transformer(device, dtype):

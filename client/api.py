@@ -143,17 +143,20 @@ class Client:
                  control_maps: dict[str, ImageLike] | None = None, mask_from_alpha: bool = False,
                  progress: ProgressCallback | None = None, output_format: str = "png",
                  request_id: str | None = None, timeout: float | None = None,
-                 cancel_event: threading.Event | None = None, **params) -> GenerationResult:
+                 cancel_event: threading.Event | None = None, preview_every: int = 0,
+                 **params) -> GenerationResult:
         """Run one generation; `params` are GenerationParams fields (seed, steps, guidance, ...).
         A seed is chosen here when none is given, so the result always says which one ran.
-        Setting `cancel_event` cancels the call; the server stops within one step."""
+        Setting `cancel_event` cancels the call; the server stops within one step.
+        `preview_every=N` adds a small JPEG preview (`progress.preview.data`) every N steps."""
         mode = Mode.parse(mode)
         if params.get("seed") is None:
             params["seed"] = secrets.randbelow(2**32)
         resolve_parameters(mode, params)  # fail fast, before any bytes travel; the server checks again
         request = pb.GenerateRequest(request_id=request_id or uuid.uuid4().hex, mode=mode_to_proto(mode),
                                      bundle=bundle, params=params_to_proto(params),
-                                     output=pb.OutputOptions(format=_FORMATS[output_format.lower()]))
+                                     output=pb.OutputOptions(format=_FORMATS[output_format.lower()],
+                                                             preview_every=preview_every))
         if image is not None:
             request.init_image.data = image_bytes(image)
         if mask is not None:
@@ -219,7 +222,8 @@ class Client:
 
     def _run(self, mode: Mode, image, reference, prompt, focus, progress, mask, params, control_maps=None,
              line_detector="auto", mask_from_alpha=False):
-        options = {k: params.pop(k) for k in ("output_format", "request_id", "timeout") if k in params}
+        options = {k: params.pop(k) for k in ("output_format", "request_id", "timeout", "cancel_event",
+                                              "preview_every") if k in params}
         bundle = self.encode(image, reference=reference, prompt=prompt, focus=focus, mode=mode,
                              request_id=options.get("request_id"))
         if mode.uses_controlnet and control_maps is None:

@@ -9,7 +9,7 @@ from qwen2vl_flux.client.errors import InvalidArgument
 from qwen2vl_flux.client.images import decode_image, image_bytes, resize_for_generation
 from qwen2vl_flux.client.modes import ROLE_INPUT, ROLE_REFERENCE, Focus, pixel_budget
 from qwen2vl_flux.client.wire import bucket, pad_tokens
-from qwen2vl_flux.serving.server import ModelHost, rpc_method, versions
+from qwen2vl_flux.serving.server import ModelHost, rpc_method, server_info
 from qwen2vl_flux.serving.tensors import to_wire
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
@@ -145,10 +145,5 @@ class EncoderServicer(pb_grpc.EncoderServicer):
     @rpc_method
     async def GetInfo(self, request, context) -> pb.ServerInfo:
         model = self.host.require()
-        return pb.ServerInfo(
-            role="encoder", fingerprint=model.fingerprint, dtype=str(model.dtype).removeprefix("torch."),
-            device=str(model.device), versions=pb.Versions(**versions()), checkpoints=str(model.layout.root),
-            limits=pb.Limits(max_message_bytes=self.args.max_message_bytes, max_image_pixels=self.max_pixels,
-                             max_queue=self.args.max_queue),
-            components=["qwen2-vl", "connector", "t5", "t5_embedder", "clip (pooled of \"\")"],
-            line_detectors=model.control.line_detectors())
+        return server_info("encoder", model, self.args, line_detectors=model.control.line_detectors(),
+                           components=["qwen2-vl", "connector", "t5", "t5_embedder", "clip (pooled of \"\")"])

@@ -23,7 +23,8 @@ from qwen2vl_flux.client.modes import (ROLE_INPUT, T5_MAX_LENGTH, Mode, control_
 from qwen2vl_flux.serving.server import Cancelled
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 
-StepCallback = Callable[[int, int], None]
+# on_step(step, total, preview): preview is a small PIL image on the steps that asked for one.
+StepCallback = Callable[[int, int, "Image.Image | None"], None]
 
 
 @dataclass
@@ -55,25 +56,28 @@ class _StepReporter:
 
     def __init__(self, on_step: StepCallback | None, total: int, cuda: bool):
         self.on_step, self.total, self.cuda = on_step, total, cuda
-        self.pending: list[tuple[int, torch.cuda.Event]] = []
+        self.pending: list[tuple[int, torch.cuda.Event | None, Image.Image | None]] = []
 
-    def step_launched(self, step: int) -> None:
+    def step_launched(self, step: int, preview: "Image.Image | None" = None) -> None:
         if self.on_step is None:
             return
-        if not self.cuda:
-            self.on_step(step, self.total)
-            return
-        event = torch.cuda.Event()
-        event.record()
-        self.pending.append((step, event))
-        while self.pending and self.pending[0][1].query():
-            self.on_step(self.pending.pop(0)[0], self.total)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((step, event, preview))
+        while self.pending and (self.pending[0][1] is None or self.pending[0][1].query()):
+            self._report(*self.pending.pop(0))
 
     def finish(self) -> None:
-        for step, event in self.pending:
-            event.synchronize()
-            self.on_step(step, self.total)
+        for item in self.pending:
+            if item[1] is not None:
+                item[1].synchronize()
+            self._report(*item)
         self.pending.clear()
+
+    def _report(self, step: int, event, preview) -> None:
+        self.on_step(step, self.total, preview)
 
 
 def shifted_sigmas(steps: int, image_seq_len: int, config) -> np.ndarray:
@@ -214,7 +218,7 @@ class FluxGenerator:
 
     @torch.inference_mode()
     def generate(self, job: GenerationJob, on_step: StepCallback | None = None,
-                 cancelled: Callable[[], bool] = lambda: False) -> list[Image.Image]:
+                 cancelled: Callable[[], bool] = lambda: False, preview_every: int = 0) -> list[Image.Image]:
         """One request, any mode. Random draws follow the reference's order with one
         CPU generator: control samples, init-image sample, noise (MODEL_NOTES "Seeds")."""
         mode, params = job.mode, job.params
@@ -274,7 +278,8 @@ class FluxGenerator:
         latents = self.denoise(latents, timesteps, scheduler, prompt_embeds=prompt_embeds, text_ids=text_ids,
                                pooled=pooled, image_ids=image_ids, guidance=self._guidance(params["guidance"], count),
                                controls=controls, control_embeds=control_embeds, inpaint=inpaint,
-                               on_step=on_step, cancelled=cancelled)
+                               on_step=on_step, cancelled=cancelled, preview_every=preview_every,
+                               latent_size=(latent_h, latent_w))
         job.timings["denoise"] = time.perf_counter() - start
 
         # 8. Decode.
@@ -356,7 +361,8 @@ class FluxGenerator:
 
     def denoise(self, latents, timesteps, scheduler, *, prompt_embeds, text_ids, pooled, image_ids, guidance,
                 controls=(), control_embeds=None, inpaint=None, on_step: StepCallback | None = None,
-                cancelled: Callable[[], bool] = lambda: False) -> torch.Tensor:
+                cancelled: Callable[[], bool] = lambda: False, preview_every: int = 0,
+                latent_size: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """The one denoise core: Euler steps of the flow-matching scheduler, with the
         ControlNet residuals of each control map summed in, and the inpaint blend
         (keep the noised init image outside the mask) after each step."""
@@ -383,6 +389,11 @@ class FluxGenerator:
                     encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
                     controlnet_block_samples=blocks, controlnet_single_block_samples=singles, return_dict=False,
                 )[0]
+            preview = None
+            if preview_every and (i + 1) % preview_every == 0:
+                # The clean image the model predicts now: x0 = x_t - sigma * v (flow matching).
+                sigma = scheduler.sigmas[scheduler.step_index]
+                preview = self._preview(latents - sigma * noise_pred, *latent_size)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if inpaint is not None:
                 mask, image_latents, noise = inpaint
@@ -390,9 +401,19 @@ class FluxGenerator:
                 if i < total - 1:
                     keep = scheduler.scale_noise(image_latents, timesteps[i + 1:i + 2], noise)
                 latents = (1 - mask) * keep + mask * latents
-            progress.step_launched(i + 1)
+            progress.step_launched(i + 1, preview)
         progress.finish()
         return latents
+
+    def _preview(self, latents: torch.Tensor, latent_h: int, latent_w: int) -> Image.Image:
+        """A quarter-size preview of the first image: latents pooled 4x, then the VAE."""
+        from diffusers import FluxPipeline
+
+        grid = FluxPipeline._unpack_latents(latents[:1], latent_h * self.vae_scale_factor,
+                                            latent_w * self.vae_scale_factor, self.vae_scale_factor)
+        grid = torch.nn.functional.avg_pool2d(grid, 4) if min(grid.shape[-2:]) >= 8 else grid
+        grid = grid / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        return self.image_processor.postprocess(self.vae.decode(grid, return_dict=False)[0], output_type="pil")[0]
 
     def decode(self, latents: torch.Tensor, height: int, width: int) -> list[Image.Image]:
         from diffusers import FluxPipeline

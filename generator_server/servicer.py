@@ -18,7 +18,7 @@ from qwen2vl_flux.client.modes import (MAX_IMAGE_COUNT, MAX_STEPS, ROLE_INPUT, M
                                        resolve_parameters, transformer_role)
 from qwen2vl_flux.client.wire import mode_from_proto, params_from_proto, params_to_proto
 from qwen2vl_flux.serving.server import (Cancelled, ModelHost, log_event, request_id, rpc_method, rpc_stream,
-                                         versions)
+                                         server_info, versions)
 from qwen2vl_flux.serving.tensors import from_wire
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
@@ -155,7 +155,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         job = await asyncio.to_thread(self._job, request, model)
         async with self.host.turn("Generate"):
             job.timings["queue"] = time.perf_counter() - received
-            async for event in self._run_job(job, model, rid):
+            async for event in self._run_job(job, model, rid, request.output.preview_every):
                 yield event
         images = job.images
 
@@ -175,7 +175,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
                                denoise_seconds=t.get("denoise", 0.0), decode_seconds=t.get("decode", 0.0),
                                image_encode_seconds=t["image_encode"], total_seconds=time.perf_counter() - received)))
 
-    async def _run_job(self, job: GenerationJob, model: FluxGenerator, rid: str):
+    async def _run_job(self, job: GenerationJob, model: FluxGenerator, rid: str, preview_every: int):
         """Run the job on the model thread, streaming a progress event per step. If the
         caller goes away (cancel, deadline), the loop stops before its next step."""
         loop = asyncio.get_running_loop()
@@ -184,16 +184,21 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         clock = {"start": 0.0, "last": 0.0}
         step_time = self.host.metrics.step_time.labels("generator")
 
-        def on_step(step: int, total: int) -> None:
+        def on_step(step: int, total: int, preview) -> None:
             now = time.perf_counter()
             step_time.observe(now - clock["last"])
             clock["last"] = now
-            loop.call_soon_threadsafe(events.put_nowait, (step, total, now - clock["start"]))
+            progress = pb.Progress(step=step, total=total, stage="denoise", elapsed_seconds=now - clock["start"])
+            if preview is not None:
+                buf = io.BytesIO()
+                preview.save(buf, format="JPEG", quality=80)
+                progress.preview.data = buf.getvalue()
+            loop.call_soon_threadsafe(events.put_nowait, progress)
 
         def work():
             clock["start"] = clock["last"] = time.perf_counter()
             try:
-                return model.generate(job, on_step=on_step, cancelled=stop.is_set)
+                return model.generate(job, on_step=on_step, cancelled=stop.is_set, preview_every=preview_every)
             except Cancelled as e:
                 log_event("generation stopped", request_id=rid, detail=str(e))
                 raise
@@ -207,13 +212,9 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
                 if getter not in done:
                     getter.cancel()
                     break
-                step, total, elapsed = getter.result()
-                yield pb.GenerateEvent(progress=pb.Progress(step=step, total=total, stage="denoise",
-                                                            elapsed_seconds=elapsed))
+                yield pb.GenerateEvent(progress=getter.result())
             while not events.empty():
-                step, total, elapsed = events.get_nowait()
-                yield pb.GenerateEvent(progress=pb.Progress(step=step, total=total, stage="denoise",
-                                                            elapsed_seconds=elapsed))
+                yield pb.GenerateEvent(progress=events.get_nowait())
             job.images = task.result()
         finally:
             if not task.done():
@@ -223,10 +224,6 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
     @rpc_method
     async def GetInfo(self, request, context) -> pb.ServerInfo:
         model = self.host.require()
-        return pb.ServerInfo(
-            role="generator", fingerprint=model.fingerprint, dtype=str(model.dtype).removeprefix("torch."),
-            device=str(model.device), versions=pb.Versions(**versions()), checkpoints=str(model.layout.root),
-            limits=pb.Limits(max_message_bytes=self.args.max_message_bytes, max_image_pixels=self.max_pixels,
-                             max_image_count=MAX_IMAGE_COUNT, max_steps=MAX_STEPS, max_queue=self.args.max_queue),
-            components=["flux-transformer", "vae", "scheduler", "controlnet (on first use)"],
-            modes=[m.value for m in Mode])
+        return server_info("generator", model, self.args, modes=[m.value for m in Mode],
+                           limits={"max_image_count": MAX_IMAGE_COUNT, "max_steps": MAX_STEPS},
+                           components=["flux-transformer", "vae", "scheduler", "controlnet (on first use)"])

@@ -424,6 +424,17 @@ async def serve(args: argparse.Namespace, role: str, service_name: str,
     return 0
 
 
+def server_info(role: str, model, args: argparse.Namespace, **fields) -> "pb.ServerInfo":
+    """What GetInfo answers on both servers; `fields` adds the role's own (limits too)."""
+    from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
+
+    limits = pb.Limits(max_message_bytes=args.max_message_bytes, max_image_pixels=args.max_image_pixels,
+                       max_queue=args.max_queue, **fields.pop("limits", {}))
+    return pb.ServerInfo(role=role, fingerprint=model.fingerprint, dtype=str(model.dtype).removeprefix("torch."),
+                         device=str(model.device), versions=pb.Versions(**versions()),
+                         checkpoints=str(model.layout.root), limits=limits, **fields)
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

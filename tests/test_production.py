@@ -2,6 +2,7 @@
 bad input, shutdown, auth and TLS, metrics, memory over time."""
 from __future__ import annotations
 
+import io
 import socket
 import subprocess
 import threading
@@ -22,6 +23,7 @@ from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
 
 A = Image.new("RGB", (64, 48), (200, 40, 40))
+B = Image.new("RGB", (40, 56), (20, 140, 60))
 SMALL = dict(steps=1, width=32, height=32)
 # About 0.15 s a step on the tiny preset at 1024x1024 on two CPU cores: long enough to act mid-request.
 SLOW = dict(steps=30, aspect_ratio="1:1")
@@ -357,3 +359,24 @@ def test_soak_resident_memory_stops_growing(client, servers):
             rss.append([_rss_mb(pid) for pid in pids])
     growth = [after - before for before, after in zip(*rss)]
     assert all(g < 40 for g in growth), f"RSS grew by {growth} MB between request 50 and 200"
+
+
+def test_previews_arrive_on_the_steps_asked(client):
+    frames = []
+    client.generate(client.encode(A), seed=1, steps=4, width=64, height=64, preview_every=2,
+                    progress=lambda p: frames.append((p.step, p.preview.data)))
+    assert [(step, bool(data)) for step, data in frames] == [(1, False), (2, True), (3, False), (4, True)]
+    with Image.open(io.BytesIO(frames[1][1])) as preview:
+        assert preview.format == "JPEG" and preview.size == (16, 16)
+
+
+def test_encoder_cache_serves_repeats(servers):
+    def encode(prompt: str) -> pb.EncodeResponse:
+        request = pb.EncodeRequest(request_id="cache", prompt=prompt,
+                                   images=[pb.EncoderImage(image=pb.ImageData(data=image_bytes(B)))])
+        with grpc.insecure_channel(servers["encoder"].address) as channel:
+            return pb_grpc.EncoderStub(channel).Encode(request, timeout=30)
+
+    first, again, other_prompt = encode("cached"), encode("cached"), encode("another prompt")
+    assert not first.cache_hit and again.cache_hit and not other_prompt.cache_hit
+    assert first.bundle == again.bundle
