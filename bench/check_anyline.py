@@ -9,6 +9,10 @@ scikit-image, einops, huggingface_hub; torchvision/timm only if its package __in
 It writes an MTEED.pth with the real TEED architecture and random weights from the seed, loads it
 into both implementations, runs both on generated images and prints the max abs difference of the
 final maps (and of the intermediate stages). Exit status 1 if any map differs by more than 1 level.
+Use scikit-image < 0.26 (e.g. 0.25.2): 0.26 maps remove_small_objects' deprecated `min_size` onto
+the new inclusive `max_size`, so controlnet_aux itself then also removes components of exactly
+min_size voxels, unlike the scikit-image the original ran with. Checked here on the CPU with
+controlnet_aux 0.0.10 and scikit-image 0.25.2: max abs diff 0 on all six images.
 The project itself need not be installed: without it the script maps the repository folders onto
 the qwen2vl_flux.* names it needs (checkpoints, client.errors, encoder_server.control_maps).
 """
