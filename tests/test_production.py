@@ -380,3 +380,25 @@ def test_encoder_cache_serves_repeats(servers):
     first, again, other_prompt = encode("cached"), encode("cached"), encode("another prompt")
     assert not first.cache_hit and again.cache_hit and not other_prompt.cache_hit
     assert first.bundle == again.bundle
+
+
+@pytest.mark.parametrize("output,name", [(pb.OutputOptions(png_compress_level=12), "png_compress_level"),
+                                         (pb.OutputOptions(format=pb.JPEG, quality=0), "quality"),
+                                         (pb.OutputOptions(format=7), "format")])
+def test_bad_output_options_are_refused_before_generating(client, servers, output, name):
+    request = pb.GenerateRequest(request_id="bad-output", mode=pb.VARIATION, bundle=client.encode(A), output=output,
+                                 params=pb.GenerationParams(seed=1, steps=1, width=32, height=32))
+    with grpc.insecure_channel(servers["generator"].address) as channel:
+        events = []
+        with pytest.raises(grpc.RpcError) as error:
+            for event in pb_grpc.GeneratorStub(channel).Generate(request, timeout=30):
+                events.append(event)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and name in error.value.details()
+    assert not events                                   # refused before any step ran
+
+
+def test_output_formats(client):
+    bundle = client.encode(A)
+    for fmt, mode in (("webp", "RGB"), ("jpeg", "RGB"), ("raw", "RGB")):
+        result = client.generate(bundle, seed=1, output_format=fmt, **SMALL)
+        assert result.images[0].size == (32, 32) and result.images[0].mode == mode and result.format == fmt
