@@ -44,15 +44,21 @@ def health(address: str, credentials=None) -> int | None:
             return None
 
 
-def generate_in_background(client: Client, bundle, started: threading.Event, **params):
+def slow_request_running(encoder: ServerProcess, generator: ServerProcess, seed: int):
+    """A client, its bundle, and a SLOW generation in the background once its first step is done."""
+    client = Client(encoder.address, generator.address, timeout=60)
+    bundle = client.encode(A)
+    started = threading.Event()
+
     def progress(p):
         if p.step >= 1:
             started.set()
 
     pool = ThreadPoolExecutor(1)
-    future = pool.submit(client.generate, bundle, progress=progress, **params)
+    running = pool.submit(client.generate, bundle, progress=progress, seed=seed, **SLOW)
     pool.shutdown(wait=False)
-    return future
+    assert started.wait(30)
+    return client, bundle, running
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +76,7 @@ def pair(tiny_checkpoints):
 def test_killed_encoder_fails_fast_and_the_same_client_recovers(pair):
     encoder, generator = pair
     generator_pid = generator.pid
-    client = Client(encoder.address, generator.address, timeout=60)
-    bundle = client.encode(A)
-    started = threading.Event()
-    running = generate_in_background(client, bundle, started, seed=1, **SLOW)
-    assert started.wait(30)
+    client, bundle, running = slow_request_running(encoder, generator, seed=1)
     encoder.kill()
     assert len(running.result(timeout=60).images) == 1          # the generation in flight completes
 
@@ -97,11 +99,7 @@ def test_killed_encoder_fails_fast_and_the_same_client_recovers(pair):
 def test_killed_generator_fails_fast_and_the_same_client_recovers(pair):
     encoder, generator = pair
     encoder_pid = encoder.pid
-    client = Client(encoder.address, generator.address, timeout=60)
-    bundle = client.encode(A)
-    started = threading.Event()
-    running = generate_in_background(client, bundle, started, seed=1, **SLOW)
-    assert started.wait(30)
+    client, bundle, running = slow_request_running(encoder, generator, seed=1)
     generator.kill()
     with pytest.raises(ServiceError) as error:
         running.result(timeout=30)
@@ -121,11 +119,7 @@ def test_killed_generator_fails_fast_and_the_same_client_recovers(pair):
 
 def test_sigterm_finishes_the_running_request_refuses_new_ones_and_exits_0(pair):
     encoder, generator = pair
-    client = Client(encoder.address, generator.address, timeout=60)
-    bundle = client.encode(A)
-    started = threading.Event()
-    running = generate_in_background(client, bundle, started, seed=3, **SLOW)
-    assert started.wait(30)
+    client, bundle, running = slow_request_running(encoder, generator, seed=3)
     generator.process.terminate()
     time.sleep(0.3)
     with pytest.raises(ServiceError) as error:

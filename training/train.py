@@ -207,19 +207,36 @@ def _flow_sample(x0: torch.Tensor, rng: torch.Generator):
     return t, (1 - tt) * x0 + tt * noise, noise - x0
 
 
+def _sampler(gen, latents: torch.Tensor, encoded: list[Encoded], size: int, batch: int, seed: int):
+    """Per step: a batch of scene indices and its flow-matching sample, plus the fixed img_ids."""
+    latent_side = 2 * (size // (gen.vae_scale_factor * 2))
+    image_ids = gen._image_ids(latent_side, latent_side)
+    batches, rng = Batches(encoded, batch, seed), torch.Generator().manual_seed(seed + 1)
+
+    def sample():
+        idx = batches()
+        return (idx, *_flow_sample(latents[idx], rng))
+
+    return sample, image_ids
+
+
+def _save_with_embedder(model, embedder, path: Path) -> None:
+    """The published layout keeps context_embedder inside the model: put it back to save."""
+    model.context_embedder = embedder
+    model.save_pretrained(path)
+    model.context_embedder = torch.nn.Identity()
+
+
 # ---------------------------------------------------------------- 3. FLUX transformer
 
 def train_flux(gen, latents: torch.Tensor, encoded: list[Encoded], pooled: torch.Tensor, size: int,
                steps: int, batch: int, seed: int, log: Log, deadline: float | None) -> None:
     torch.manual_seed(seed)
     transformer, embedder, device = gen.transformer.train(), gen.context_embedder.train(), gen.device
-    latent_side = 2 * (size // (gen.vae_scale_factor * 2))
-    image_ids = gen._image_ids(latent_side, latent_side)
-    batches, rng = Batches(encoded, batch, seed), torch.Generator().manual_seed(seed + 1)
+    sample, image_ids = _sampler(gen, latents, encoded, size, batch, seed)
 
     def loss_fn(step):
-        idx = batches()
-        t, x_t, target = _flow_sample(latents[idx], rng)
+        idx, t, x_t, target = sample()
         text = _text_stream(embedder, encoded, idx)
         pred = transformer(
             hidden_states=x_t, timestep=t, guidance=torch.full([len(idx)], GUIDANCE, device=device),
@@ -230,13 +247,6 @@ def train_flux(gen, latents: torch.Tensor, encoded: list[Encoded], pooled: torch
     run_steps("flux", steps, loss_fn, list(transformer.parameters()) + list(embedder.parameters()),
               log, deadline, lr=5e-4)
     transformer.eval(), embedder.eval()
-
-
-def save_transformer(gen, layout: CheckpointLayout) -> None:
-    """The published layout keeps context_embedder inside the transformer: put it back to save."""
-    gen.transformer.context_embedder = gen.context_embedder
-    gen.transformer.save_pretrained(layout.transformer)
-    gen.transformer.context_embedder = torch.nn.Identity()
 
 
 # ---------------------------------------------------------------- 4. ControlNet
@@ -265,13 +275,10 @@ def train_controlnet(gen, latents: torch.Tensor, controls: dict[str, torch.Tenso
     controlnet, embedder, device = gen.controlnet.train(), gen.controlnet_context_embedder.train(), gen.device
     gen.transformer.requires_grad_(False)
     gen.context_embedder.requires_grad_(False)
-    latent_side = 2 * (size // (gen.vae_scale_factor * 2))
-    image_ids = gen._image_ids(latent_side, latent_side)
-    batches, rng = Batches(encoded, batch, seed), torch.Generator().manual_seed(seed + 1)
+    sample, image_ids = _sampler(gen, latents, encoded, size, batch, seed)
 
     def loss_fn(step):
-        idx = batches()
-        t, x_t, target = _flow_sample(latents[idx], rng)
+        idx, t, x_t, target = sample()
         n = len(idx)
         guidance = torch.full([n], GUIDANCE, device=device)
         text = _text_stream(gen.context_embedder, encoded, idx)
@@ -296,13 +303,6 @@ def train_controlnet(gen, latents: torch.Tensor, controls: dict[str, torch.Tenso
     run_steps("controlnet", steps, loss_fn, list(controlnet.parameters()) + list(embedder.parameters()),
               log, deadline, lr=5e-4)
     controlnet.eval(), embedder.eval()
-
-
-def save_controlnet(gen, layout: CheckpointLayout) -> None:
-    controlnet = gen.controlnet
-    controlnet.context_embedder = gen.controlnet_context_embedder
-    controlnet.save_pretrained(layout.controlnet)
-    controlnet.context_embedder = torch.nn.Identity()
 
 
 # ---------------------------------------------------------------- main
@@ -343,14 +343,14 @@ def main(argv=None) -> Path:
     latents = _latents(gen, images, args.size, args.seed)
     train_flux(gen, latents, encoded, pooled, args.size, args.steps_flux, args.batch, args.seed + 1, log,
                budget.stage_deadline("flux"))
-    save_transformer(gen, layout)
+    _save_with_embedder(gen.transformer, gen.context_embedder, layout.transformer)
 
     controls = {kind: _latents(gen, [m.convert("RGB") for m in maps], args.size, args.seed + 2)
                 for kind, maps in (("depth", [s[2] for s in samples]), ("line", [s[3] for s in samples]))}
     init_controlnet_from_transformer(gen)
     train_controlnet(gen, latents, controls, encoded, pooled, args.size, args.steps_controlnet, args.batch,
                      args.seed + 3, log, budget.stage_deadline("controlnet"))
-    save_controlnet(gen, layout)
+    _save_with_embedder(gen.controlnet, gen.controlnet_context_embedder, layout.controlnet)
 
     total = sum(f.stat().st_size for f in layout.root.rglob("*") if f.is_file())
     print(json.dumps({"out": str(layout.root), "bytes": total, "seconds": round(time.perf_counter() - started, 1)}))
