@@ -3,7 +3,8 @@ the published checkpoint layout so the same loading code serves both.
 
 Every dimension differs from every other one (Qwen hidden 64, connector out 48,
 FLUX width 32, T5 width 40, CLIP width 24) so a mixed-up dimension fails loudly.
-Tokenizers are built here from a small corpus; nothing is downloaded.
+Tokenizers are built here from a small corpus; nothing is downloaded. A `Preset`
+changes the sizes: the trained demo model (training/train.py) is a wider one.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import io
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,12 +22,35 @@ from .tiny_control import write_tiny_control_weights
 
 SEED = 20261126
 
-QWEN_HIDDEN = 64
-JOINT_ATTENTION_DIM = 48
-FLUX_HEADS, FLUX_HEAD_DIM = 2, 16
-INNER_DIM = FLUX_HEADS * FLUX_HEAD_DIM
-T5_WIDTH = 40
-CLIP_WIDTH = 24
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of a preset; the defaults are the test preset. Qwen, T5 and CLIP stay tiny in
+    every preset (the demo keeps them frozen and random), only what is trained grows."""
+
+    qwen_hidden: int = 64
+    joint_attention_dim: int = 48       # connector output = FLUX context_embedder input
+    flux_heads: int = 2
+    flux_head_dim: int = 16
+    axes_dims_rope: tuple[int, int, int] = (4, 6, 6)   # sums to flux_head_dim
+    flux_layers: int = 1
+    flux_single_layers: int = 2
+    controlnet_layers: int = 1
+    controlnet_single_layers: int = 1
+    t5_width: int = 40
+    t5_vocab: int = 90
+    clip_width: int = 24
+    vae_channels: tuple[int, ...] = (8, 8, 16, 16)
+    vae_norm_groups: int = 4
+    corpus: tuple[str, ...] = ()        # extra tokenizer training sentences
+
+    @property
+    def inner_dim(self) -> int:
+        return self.flux_heads * self.flux_head_dim
+
+
+TINY = Preset()
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -97,14 +122,15 @@ def _qwen_tokenizer(out: Path) -> dict[str, int]:
     return {t: vocab[t] for t in QWEN_SPECIAL_TOKENS}
 
 
-def _t5_tokenizer(out: Path) -> int:
+def _t5_tokenizer(out: Path, preset: Preset) -> int:
     """A sentencepiece unigram model (spiece.model) plus its tokenizer.json, as FLUX ships them."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS * 8), model_writer=model, vocab_size=90,
+        sentence_iterator=iter((_CORPUS + list(preset.corpus)) * 8), model_writer=model,
+        vocab_size=preset.t5_vocab,
         model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
         hard_vocab_limit=False, minloglevel=2, num_threads=1)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +161,7 @@ def _clip_tokenizer(out: Path) -> dict[str, int]:
     return {"vocab_size": len(vocab), "bos": vocab["<|startoftext|>"], "eos": vocab["<|endoftext|>"]}
 
 
-def _qwen2_vl(out: Path, special: dict[str, int]) -> None:
+def _qwen2_vl(out: Path, special: dict[str, int], preset: Preset) -> None:
     """Qwen2-VL without lm_head, saved with the legacy key names (`visual.*`, `model.*`)
     and the flat legacy config, as the published checkpoint has them."""
     from safetensors.torch import save_file
@@ -145,7 +171,7 @@ def _qwen2_vl(out: Path, special: dict[str, int]) -> None:
     vocab_size = max(vocab_size, len(json.loads((out / "vocab.json").read_text())))
     flat = {
         "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
-        "hidden_size": QWEN_HIDDEN, "intermediate_size": 128, "num_hidden_layers": 2,
+        "hidden_size": preset.qwen_hidden, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
         "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
         "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
@@ -156,7 +182,7 @@ def _qwen2_vl(out: Path, special: dict[str, int]) -> None:
         "vision_start_token_id": special["<|vision_start|>"],
         "vision_end_token_id": special["<|vision_end|>"],
         "vision_config": {
-            "depth": 2, "embed_dim": 32, "hidden_size": QWEN_HIDDEN, "hidden_act": "quick_gelu",
+            "depth": 2, "embed_dim": 32, "hidden_size": preset.qwen_hidden, "hidden_act": "quick_gelu",
             "mlp_ratio": 2, "num_heads": 2, "in_chans": 3, "patch_size": 14,
             "spatial_merge_size": 2, "temporal_patch_size": 2,
         },
@@ -184,7 +210,7 @@ def _linear_state(in_features: int, out_features: int, prefix: str = "") -> dict
     return {prefix + k: v.detach().clone() for k, v in layer.state_dict().items()}
 
 
-def make_tiny_checkpoints(root: str | Path) -> Path:
+def make_tiny_checkpoints(root: str | Path, preset: Preset = TINY) -> Path:
     """Write a complete tiny checkpoint directory; deterministic for a given library version."""
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler,
                            FluxControlNetModel, FluxTransformer2DModel)
@@ -195,16 +221,16 @@ def make_tiny_checkpoints(root: str | Path) -> Path:
     layout.qwen.mkdir(parents=True, exist_ok=True)
 
     special = _qwen_tokenizer(layout.qwen)
-    _qwen2_vl(layout.qwen, special)
+    _qwen2_vl(layout.qwen, special, preset)
     torch.manual_seed(SEED + 1)
     # The published connector was saved from a DataParallel wrapper: keep the prefix.
-    torch.save(_linear_state(QWEN_HIDDEN, JOINT_ATTENTION_DIM, "module.linear."), layout.connector)
-    torch.save(_linear_state(T5_WIDTH, INNER_DIM), layout.t5_embedder)
+    torch.save(_linear_state(preset.qwen_hidden, preset.joint_attention_dim, "module.linear."), layout.connector)
+    torch.save(_linear_state(preset.t5_width, preset.inner_dim), layout.t5_embedder)
 
-    t5_vocab = _t5_tokenizer(layout.t5_tokenizer)
+    t5_vocab = _t5_tokenizer(layout.t5_tokenizer, preset)
     torch.manual_seed(SEED + 2)
     T5EncoderModel(T5Config(
-        vocab_size=t5_vocab, d_model=T5_WIDTH, d_kv=8, d_ff=64, num_layers=1, num_heads=5,
+        vocab_size=t5_vocab, d_model=preset.t5_width, d_kv=8, d_ff=64, num_layers=1, num_heads=5,
         relative_attention_num_buckets=8, relative_attention_max_distance=32,
         feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
         tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
@@ -213,21 +239,24 @@ def make_tiny_checkpoints(root: str | Path) -> Path:
     clip = _clip_tokenizer(layout.clip_tokenizer)
     torch.manual_seed(SEED + 3)
     CLIPTextModel(CLIPTextConfig(
-        vocab_size=clip["vocab_size"], hidden_size=CLIP_WIDTH, intermediate_size=48,
-        projection_dim=CLIP_WIDTH, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=clip["vocab_size"], hidden_size=preset.clip_width, intermediate_size=48,
+        projection_dim=preset.clip_width, num_hidden_layers=1, num_attention_heads=2,
         max_position_embeddings=77, bos_token_id=clip["bos"], eos_token_id=clip["eos"],
         pad_token_id=clip["eos"], hidden_act="quick_gelu",
     )).save_pretrained(layout.clip)
 
     flux_dims = dict(
-        patch_size=1, in_channels=64, attention_head_dim=FLUX_HEAD_DIM,
-        num_attention_heads=FLUX_HEADS, joint_attention_dim=JOINT_ATTENTION_DIM,
-        pooled_projection_dim=CLIP_WIDTH, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+        patch_size=1, in_channels=64, attention_head_dim=preset.flux_head_dim,
+        num_attention_heads=preset.flux_heads, joint_attention_dim=preset.joint_attention_dim,
+        pooled_projection_dim=preset.clip_width, guidance_embeds=True,
+        axes_dims_rope=preset.axes_dims_rope,
     )
     torch.manual_seed(SEED + 4)
-    FluxTransformer2DModel(num_layers=1, num_single_layers=2, **flux_dims).save_pretrained(layout.transformer)
+    FluxTransformer2DModel(num_layers=preset.flux_layers, num_single_layers=preset.flux_single_layers,
+                           **flux_dims).save_pretrained(layout.transformer)
     torch.manual_seed(SEED + 5)
-    controlnet = FluxControlNetModel(num_layers=1, num_single_layers=1, num_mode=10, **flux_dims)
+    controlnet = FluxControlNetModel(num_layers=preset.controlnet_layers,
+                                     num_single_layers=preset.controlnet_single_layers, num_mode=10, **flux_dims)
     # diffusers zero-initialises the ControlNet's output projections (a fresh
     # ControlNet must not disturb FLUX); random ones let tests see the maps' effect.
     for name in ("controlnet_blocks", "controlnet_single_blocks"):
@@ -239,7 +268,7 @@ def make_tiny_checkpoints(root: str | Path) -> Path:
     AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
+        block_out_channels=preset.vae_channels, layers_per_block=1, norm_num_groups=preset.vae_norm_groups,
         scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
         use_post_quant_conv=False, sample_size=64,
     ).save_pretrained(layout.vae)

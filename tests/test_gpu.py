@@ -96,8 +96,8 @@ def test_two_gpus_every_mode_each_process_on_its_own_gpu(tiny_checkpoints):
         # CUDA's device order need not be nvidia-smi's: name the GPUs as CUDA numbers them.
         uuid = {i: f"GPU-{torch.cuda.get_device_properties(i).uuid}" for i in range(2)}
         if held:   # the driver shows pids on this host: check from outside too
-            assert held.get(servers["encoder"][0].pid) == {uuid[0]}
-            assert held.get(servers["generator"][0].pid) == {uuid[1]}
+            seen = {role: held.get(server.pid) for role, (server, _) in servers.items()}
+            assert seen == {"encoder": {uuid[0]}, "generator": {uuid[1]}}, (seen, uuid, held)
     finally:
         for server, _ in servers.values():
             server.stop()

@@ -7,7 +7,7 @@ to a shape when its centre does, which keeps rendering exact, alias-free and fas
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
@@ -162,6 +162,32 @@ def mask_for(scene: Scene, index: int, size, visible: bool = False) -> Image.Ima
     else:
         inside = _inside(scene.shapes[index], *_grid(size))
     return Image.fromarray(inside.astype(np.uint8) * 255, "L")
+
+
+def recoloured(scene: Scene, rng: np.random.Generator) -> Scene:
+    """Every shape in another colour (never a background colour): a picture whose colours a
+    prompt has to correct."""
+    free = [c for c in COLOURS if c not in scene.colours]
+    shapes = []
+    for s in scene.shapes:
+        others = [c for c in free if c != s.colour]
+        shapes.append(replace(s, colour=others[rng.integers(len(others))]))
+    return replace(scene, shapes=tuple(shapes))
+
+
+def without_shape(scene: Scene, index: int) -> Scene:
+    """The scene with one shape taken away (what is behind it shows)."""
+    return replace(scene, shapes=scene.shapes[:index] + scene.shapes[index + 1:])
+
+
+def mean_fill(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """The masked pixels set to the mean colour of the others: the inpainting baseline, and a
+    picture with a hole a prompt has to fill."""
+    pixels = np.asarray(image.convert("RGB")).copy()
+    inside = np.asarray(mask.convert("L")) > 127
+    if inside.any() and not inside.all():
+        pixels[inside] = np.rint(pixels[~inside].reshape(-1, 3).mean(axis=0)).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
 
 
 def scenes(seed: int, count: int) -> Iterator[Scene]:

@@ -1,21 +1,28 @@
 """Train a tiny Qwen2VL-Flux on generated scenes (issue 8), in the published checkpoint layout.
 
-    python -m qwen2vl_flux.training.train --out DIR [--device cuda] [--minutes M] [--size 64]
-        [--steps-vae N --steps-flux N --steps-controlnet N] [--scenes N] [--seed S]
+    python -m qwen2vl_flux.training.train --out DIR [--device cuda] [--minutes M] [--size 128]
+        [--steps-vae N --steps-flux N --steps-controlnet N] [--scenes N] [--seed S] [--preset demo]
 
-The tiny preset (`make_tiny_checkpoints`) is written first, so every file the servers need
-exists; the stages below then overwrite the weights they train, with `save_pretrained`, so
+A preset (`make_tiny_checkpoints` with `DEMO`: Qwen2-VL, T5 and CLIP tiny, FLUX 3x64 wide with
+2 + 4 blocks, ControlNet 1 + 2, VAE 32-64 channels) is written first, so every file the servers
+need exists; the stages below then overwrite the weights they train, with `save_pretrained`, so
 the servers load the result unchanged. Stages:
 
 1. VAE: reconstruction (MSE + L1) and a small KL on the scene images; shift/scale factors
    re-measured on the trained latents (as FLUX's were) and written to its config.
 2. Encodings: the project's own `Qwen2VLFluxEncoder` (frozen random Qwen2-VL, T5, CLIP, and the
-   preset's connector and t5_embedder) gives, per scene, the connector tokens of the image and,
-   for half of the scenes, the T5 tokens of its caption (pixel budget as at serving time).
+   preset's connector and t5_embedder) gives, per scene, the connector tokens of a picture and,
+   for half of the scenes, the T5 tokens of its caption (pixel budget as at serving time). With a
+   caption, the picture is the scene itself or, in three of four cases, a corrupted one (shapes
+   recoloured, a shape removed, a shape's area mean-filled) while the target stays the scene:
+   so the prompt carries what the picture lacks, which is what prompts and inpainting ask for.
 3. FLUX transformer + its context_embedder: rectified flow matching on packed VAE latents,
    called exactly as `FluxGenerator.denoise` calls it.
 4. Union ControlNet (+ its context_embedder), transformer frozen, on depth (mode 2) and edge
-   (mode 0) maps at the serving strengths, VAE-encoded as the generator encodes them.
+   (mode 0) maps at the serving strengths, VAE-encoded as the generator encodes them. For half
+   of the steps the picture tokens are another scene's, so the layout must come from the maps.
+
+On CUDA the forward passes run under bf16 autocast (weights and optimiser stay fp32).
 
 Every stage is seeded from --seed; a --minutes budget may end a stage early (then the step
 count, and so the result, depends on the machine's speed). Losses go to DIR/training_log.jsonl.
@@ -29,13 +36,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from qwen2vl_flux.checkpoints import CheckpointLayout
+from qwen2vl_flux.checkpoints.tiny import Preset
 from qwen2vl_flux.client.modes import CONTROL_MODE_DEPTH, CONTROL_MODE_LINE, DEFAULTS
 
 from . import scenes
+
+# The demo model: what is trained is wide enough to learn the scenes; what stays frozen and
+# random (Qwen2-VL, T5, CLIP, connector, t5_embedder) stays as tiny as the test preset. The T5
+# tokenizer learns the scene vocabulary, so every colour and shape word is its own token.
+DEMO = Preset(flux_heads=3, flux_head_dim=64, axes_dims_rope=(16, 24, 24), flux_layers=2,
+              flux_single_layers=4, controlnet_layers=1, controlnet_single_layers=2, t5_vocab=160,
+              vae_channels=(32, 64, 64, 64), vae_norm_groups=16,
+              corpus=tuple(scenes.caption(s) for s in scenes.scenes(scenes.TRAIN_SEED, 512)))
+PRESETS = {"demo": DEMO, "tiny": Preset()}
 
 GUIDANCE = 3.5  # the serving default; the transformer is guidance-distilled in form
 PROMPT_BUDGET, IMAGE_ONLY_BUDGET = 256 * 28 * 28, 512 * 28 * 28  # Qwen pixel budgets (MODEL_NOTES)
@@ -43,7 +61,7 @@ PROMPT_BUDGET, IMAGE_ONLY_BUDGET = 256 * 28 * 28, 512 * 28 * 28  # Qwen pixel bu
 CONTROLS = {"depth": (CONTROL_MODE_DEPTH, DEFAULTS["depth_strength"]),
             "line": (CONTROL_MODE_LINE, DEFAULTS["line_strength"])}
 CONTROL_CHOICES = (("depth",), ("line",), ("depth", "line"))
-STAGE_SHARES = {"vae": 0.2, "flux": 0.55, "controlnet": 0.25}  # of the --minutes budget
+STAGE_SHARES = {"vae": 0.15, "flux": 0.6, "controlnet": 0.25}  # of the --minutes budget
 
 
 # ---------------------------------------------------------------- bookkeeping
@@ -75,24 +93,32 @@ class Budget:
         return now + max(0.0, self.end - now) * STAGE_SHARES[stage] / rest
 
 
-def run_steps(stage: str, steps: int, loss_fn, params, log: Log, deadline: float | None, lr: float) -> int:
-    """AdamW with cosine decay and gradient clipping; returns the number of steps done."""
+def run_steps(stage: str, steps: int, loss_fn, params, log: Log, deadline: float | None, lr: float,
+              device: torch.device) -> int:
+    """AdamW, short warm-up, cosine decay over the steps or the stage's time, whichever runs out
+    first (so a time-cut stage still anneals), gradient clipping; returns the steps done."""
     params = [p for p in params if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
     start = time.perf_counter()
+    span = None if deadline is None else max(deadline - start, 1e-6)
+    warmup = min(100, steps // 10 + 1)
     done = 0
     for step in range(steps):
-        if deadline is not None and time.perf_counter() > deadline:
+        elapsed = time.perf_counter() - start
+        if span is not None and elapsed > span:
             break
-        loss = loss_fn(step)
+        progress = max(step / steps, 0.0 if span is None else elapsed / span)
+        factor = min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * factor
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        schedule.step()
         done = step + 1
+        # float() syncs once a step; at these sizes that costs less than it tells
         log.write(stage=stage, step=step, loss=float(loss.detach()), seconds=round(time.perf_counter() - start, 4))
     return done
 
@@ -120,9 +146,10 @@ def train_vae(layout: CheckpointLayout, images, steps: int, batch: int, device, 
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / x[0].numel()
+        recon = recon.float()
         return F.mse_loss(recon, x) + F.l1_loss(recon, x) + kl_weight * kl
 
-    run_steps("vae", steps, loss_fn, vae.parameters(), log, deadline, lr=1e-3)
+    run_steps("vae", steps, loss_fn, vae.parameters(), log, deadline, lr=1e-3, device=device)
 
     # Latent statistics -> shift_factor / scaling_factor, as FLUX's VAE config carries them; measured
     # on samples, since the generator encodes with latent_dist.sample: its latents get unit variance.
@@ -141,18 +168,37 @@ class Encoded:
     prompt: torch.Tensor | None  # (1, 256, inner_dim): t5_embedder output of the caption
 
 
-def encode_scenes(layout: CheckpointLayout, samples, device, log: Log) -> tuple[list[Encoded], torch.Tensor]:
-    """Conditioning exactly as at serving time: variation of the scene's own image, with its
-    caption as the prompt for every other scene (budget 256*28*28) and none otherwise (512*28*28)."""
+def conditioning_picture(scene: scenes.Scene, index: int, size: int):
+    """The picture the encoder sees for training scene `index` (its target is always the scene):
+    without a caption the scene itself; with one (even indices), in turn the scene, its shapes
+    recoloured, one shape removed, one shape's area mean-filled. Seeded by the index."""
+    image = scenes.render(scene, size)
+    if index % 2 or (index // 2) % 4 == 0:
+        return image
+    rng = np.random.default_rng([scenes.TRAIN_SEED, index, 7])
+    kind, shape = (index // 2) % 4, int(rng.integers(len(scene.shapes)))
+    if kind == 1:
+        return scenes.render(scenes.recoloured(scene, rng), size)
+    if kind == 2:
+        return scenes.render(scenes.without_shape(scene, shape), size)
+    return scenes.mean_fill(image, scenes.mask_for(scene, shape, size))
+
+
+def encode_scenes(layout: CheckpointLayout, scene_list, size: int, device, log: Log
+                  ) -> tuple[list[Encoded], torch.Tensor]:
+    """Conditioning exactly as at serving time: the connector tokens of the scene's conditioning
+    picture, with its caption as the prompt for every other scene (budget 256*28*28) and none
+    otherwise (512*28*28)."""
     from qwen2vl_flux.encoder_server.model import Qwen2VLFluxEncoder
 
     start = time.perf_counter()
     encoder = Qwen2VLFluxEncoder(layout.root, device=device)
     encoded = []
-    for i, (image, caption, _, _) in enumerate(samples):
-        prompt = caption if i % 2 == 0 else None
+    for i, scene in enumerate(scene_list):
+        prompt = scenes.caption(scene) if i % 2 == 0 else None
         parts, prompt_tokens = encoder.encode_parts(
-            [("a", image, None)], prompt, PROMPT_BUDGET if prompt else IMAGE_ONLY_BUDGET)
+            [("a", conditioning_picture(scene, i, size), None)], prompt,
+            PROMPT_BUDGET if prompt else IMAGE_ONLY_BUDGET)
         # clone() outside inference mode: inference tensors cannot take part in autograd.
         encoded.append(Encoded(parts[0].tokens.clone(), None if prompt_tokens is None else prompt_tokens.clone()))
     pooled = encoder.pooled.clone()
@@ -177,15 +223,20 @@ class Batches:
         self.weights = torch.tensor([len(g) for g in self.groups], dtype=torch.float)
         self.batch, self.rng = batch, torch.Generator().manual_seed(seed)
 
-    def __call__(self) -> list[int]:
+    def __call__(self) -> tuple[list[int], list[int]]:
+        """Scene indices, and for each a random other scene of the same group."""
         group = self.groups[int(torch.multinomial(self.weights, 1, generator=self.rng))]
-        picks = torch.randint(len(group), (min(self.batch, len(group)),), generator=self.rng)
-        return [group[int(i)] for i in picks]
+        n = min(self.batch, len(group))
+        picks = torch.randint(len(group), (n,), generator=self.rng)
+        others = torch.randint(len(group), (n,), generator=self.rng)
+        return [group[int(i)] for i in picks], [group[int(i)] for i in others]
 
 
-def _text_stream(embedder, encoded: list[Encoded], idx: list[int]) -> torch.Tensor:
-    """cat[context_embedder(qwen), t5 tokens], as FluxGenerator._text_streams builds it."""
-    parts = [embedder(torch.cat([encoded[i].qwen for i in idx]))]
+def _text_stream(embedder, encoded: list[Encoded], idx: list[int], picture_idx: list[int] | None = None
+                 ) -> torch.Tensor:
+    """cat[context_embedder(qwen), t5 tokens], as FluxGenerator._text_streams builds it; the
+    picture tokens may come from other scenes (`picture_idx`) than the captions."""
+    parts = [embedder(torch.cat([encoded[i].qwen for i in picture_idx or idx]))]
     if encoded[idx[0]].prompt is not None:
         parts.append(torch.cat([encoded[i].prompt for i in idx]))
     return torch.cat(parts, dim=1)
@@ -214,16 +265,18 @@ def _sampler(gen, latents: torch.Tensor, encoded: list[Encoded], size: int, batc
     batches, rng = Batches(encoded, batch, seed), torch.Generator().manual_seed(seed + 1)
 
     def sample():
-        idx = batches()
-        return (idx, *_flow_sample(latents[idx], rng))
+        idx, others = batches()
+        return (idx, others, *_flow_sample(latents[idx], rng))
 
     return sample, image_ids
 
 
 def _save_with_embedder(model, embedder, path: Path) -> None:
-    """The published layout keeps context_embedder inside the model: put it back to save."""
+    """The published layout keeps context_embedder inside the model: put it back to save. In
+    bf16, as FLUX.1-dev ships (and to keep the checkpoint under 40 MB); training ran in bf16 too."""
     model.context_embedder = embedder
-    model.save_pretrained(path)
+    model.to(torch.bfloat16).save_pretrained(path)
+    model.to(torch.float32)
     model.context_embedder = torch.nn.Identity()
 
 
@@ -236,16 +289,16 @@ def train_flux(gen, latents: torch.Tensor, encoded: list[Encoded], pooled: torch
     sample, image_ids = _sampler(gen, latents, encoded, size, batch, seed)
 
     def loss_fn(step):
-        idx, t, x_t, target = sample()
+        idx, _, t, x_t, target = sample()
         text = _text_stream(embedder, encoded, idx)
         pred = transformer(
             hidden_states=x_t, timestep=t, guidance=torch.full([len(idx)], GUIDANCE, device=device),
             pooled_projections=pooled.expand(len(idx), -1), encoder_hidden_states=text,
             txt_ids=torch.zeros(text.shape[1], 3, device=device), img_ids=image_ids, return_dict=False)[0]
-        return F.mse_loss(pred, target)
+        return F.mse_loss(pred.float(), target)
 
     run_steps("flux", steps, loss_fn, list(transformer.parameters()) + list(embedder.parameters()),
-              log, deadline, lr=5e-4)
+              log, deadline, lr=5e-4, device=device)
     transformer.eval(), embedder.eval()
 
 
@@ -278,11 +331,12 @@ def train_controlnet(gen, latents: torch.Tensor, controls: dict[str, torch.Tenso
     sample, image_ids = _sampler(gen, latents, encoded, size, batch, seed)
 
     def loss_fn(step):
-        idx, t, x_t, target = sample()
+        idx, others, t, x_t, target = sample()
         n = len(idx)
+        pictures = others if step % 2 else idx   # half the time the layout is only in the maps
         guidance = torch.full([n], GUIDANCE, device=device)
-        text = _text_stream(gen.context_embedder, encoded, idx)
-        control_text = _text_stream(embedder, encoded, idx)
+        text = _text_stream(gen.context_embedder, encoded, idx, pictures)
+        control_text = _text_stream(embedder, encoded, idx, pictures)
         txt_ids = torch.zeros(text.shape[1], 3, device=device)
         blocks = singles = None
         for kind in CONTROL_CHOICES[step % len(CONTROL_CHOICES)]:   # depth, line, both (summed)
@@ -298,10 +352,10 @@ def train_controlnet(gen, latents: torch.Tensor, controls: dict[str, torch.Tenso
             hidden_states=x_t, timestep=t, guidance=guidance, pooled_projections=pooled.expand(n, -1),
             encoder_hidden_states=text, txt_ids=txt_ids, img_ids=image_ids,
             controlnet_block_samples=blocks, controlnet_single_block_samples=singles, return_dict=False)[0]
-        return F.mse_loss(pred, target)
+        return F.mse_loss(pred.float(), target)
 
     run_steps("controlnet", steps, loss_fn, list(controlnet.parameters()) + list(embedder.parameters()),
-              log, deadline, lr=5e-4)
+              log, deadline, lr=5e-4, device=device)
     controlnet.eval(), embedder.eval()
 
 
@@ -312,9 +366,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write (published layout)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget for the three training stages")
-    p.add_argument("--size", type=int, default=64, help="training resolution (square, multiple of 16)")
-    p.add_argument("--scenes", type=int, default=1024, help="training scenes (scenes.TRAIN_SEED)")
+    p.add_argument("--size", type=int, default=128, help="training resolution (square, multiple of 16)")
+    p.add_argument("--scenes", type=int, default=4096, help="training scenes (scenes.TRAIN_SEED)")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model sizes")
     p.add_argument("--steps-vae", type=int, default=3000)
     p.add_argument("--steps-flux", type=int, default=6000)
     p.add_argument("--steps-controlnet", type=int, default=3000)
@@ -330,13 +385,15 @@ def main(argv=None) -> Path:
     if args.size % 16:
         raise SystemExit("--size must be a multiple of 16 (the generator floors sizes to 16)")
     started = time.perf_counter()
-    layout = CheckpointLayout(make_tiny_checkpoints(args.out))
+    layout = CheckpointLayout(make_tiny_checkpoints(args.out, PRESETS[args.preset]))
     log, budget, device = Log(layout.root / "training_log.jsonl"), Budget(args.minutes), torch.device(args.device)
-    samples = list(scenes.dataset(scenes.TRAIN_SEED, args.scenes, args.size))
-    images = [s[0] for s in samples]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    scene_list = list(scenes.scenes(scenes.TRAIN_SEED, args.scenes))
+    images = [scenes.render(s, args.size) for s in scene_list]
 
     train_vae(layout, images, args.steps_vae, args.batch, device, args.seed, log, budget.stage_deadline("vae"))
-    encoded, pooled = encode_scenes(layout, samples, device, log)
+    encoded, pooled = encode_scenes(layout, scene_list, args.size, device, log)
 
     gen = FluxGenerator(layout.root, device=args.device)   # loads the trained VAE
     gen.vae.requires_grad_(False)
@@ -346,7 +403,8 @@ def main(argv=None) -> Path:
     _save_with_embedder(gen.transformer, gen.context_embedder, layout.transformer)
 
     controls = {kind: _latents(gen, [m.convert("RGB") for m in maps], args.size, args.seed + 2)
-                for kind, maps in (("depth", [s[2] for s in samples]), ("line", [s[3] for s in samples]))}
+                for kind, maps in (("depth", [scenes.depth_map(s, args.size) for s in scene_list]),
+                                   ("line", [scenes.edge_map(s, args.size) for s in scene_list]))}
     init_controlnet_from_transformer(gen)
     train_controlnet(gen, latents, controls, encoded, pooled, args.size, args.steps_controlnet, args.batch,
                      args.seed + 3, log, budget.stage_deadline("controlnet"))
