@@ -239,14 +239,15 @@ class ModelHost:
     """The model once loaded, the one thread it runs on, and admission to it: requests
     run one at a time in arrival order, at most `max_queue` wait, the rest are refused."""
 
-    def __init__(self, role: str, max_queue: int, metrics: Metrics | None = None):
+    def __init__(self, role: str, max_queue: int, metrics: Metrics | None = None,
+                 thread_init: Callable[[], None] | None = None):
         self.role, self.max_queue, self.metrics = role, max_queue, metrics
         self.model = None
         self.draining = False
         self.active = 0            # RPC handlers in flight (drain waits for them)
         self.waiting = 0
         self._turn = asyncio.Lock()  # FIFO: waiters are woken in arrival order
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=thread_init)
 
     def require(self):
         if self.model is None:
@@ -349,13 +350,16 @@ def _server_credentials(args) -> grpc.ServerCredentials | None:
 
 async def serve(args: argparse.Namespace, role: str, service_name: str,
                 add_servicer: Callable[[grpc.aio.Server, ModelHost], None],
-                load_model: Callable[[], Any]) -> int:
+                load_model: Callable[[], Any], thread_init: Callable[[], None] | None = None) -> int:
     """Bind, answer health NOT_SERVING while the weights load, then SERVING; on SIGTERM
-    refuse new calls, let running and queued ones finish within --grace-seconds, exit 0."""
+    refuse new calls, let running and queued ones finish within --grace-seconds, exit 0.
+    `thread_init` runs first in every worker thread (the model's and asyncio.to_thread's)."""
+    if thread_init is not None:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(initializer=thread_init))
     metrics = Metrics(role)
     if args.metrics_port is not None:
         metrics.serve(args.host, args.metrics_port)
-    host = ModelHost(role, args.max_queue, metrics)
+    host = ModelHost(role, args.max_queue, metrics, thread_init)
     options = [("grpc.max_receive_message_length", args.max_message_bytes),
                ("grpc.max_send_message_length", args.max_message_bytes),
                ("grpc.so_reuseport", 0)]
@@ -465,13 +469,18 @@ def run(role: str, default_port: int, service: str, argv: list[str] | None,
     setup_logging(role, args.log_level)
     device = resolve_device(args.device, role)
     dtype = resolve_dtype(args.dtype, device)
+    thread_init = None
     if device.startswith("cuda"):
         import torch
 
-        # Make the model's GPU the current one, so nothing (events, compile, stray
-        # default-device tensors) creates a CUDA context on GPU 0 behind our back.
-        torch.cuda.set_device(torch.device(device))
+        # Make the model's GPU the current one, so nothing (events, compile, device guards
+        # restoring "device 0") creates a CUDA context on GPU 0 behind our back. The current
+        # device is per thread in CUDA, hence once here and once in every worker thread.
+        def thread_init():
+            torch.cuda.set_device(torch.device(device))
+
+        thread_init()
     return asyncio.run(serve(
         args, role, service,
         lambda server, host: add_servicer(server, host, args),
-        lambda: make_model(args, device=device, dtype=dtype)))
+        lambda: make_model(args, device=device, dtype=dtype), thread_init))
