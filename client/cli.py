@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,15 @@ from .errors import InvalidArgument
 from .modes import ASPECT_RATIOS, Focus, Mode
 
 DEFAULT_TINY_DIR = Path.home() / ".cache" / "qwen2vl-flux" / "tiny"
-SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
+# A held-out generated scene (training/scenes.py, HELD_OUT_SEED), never seen in training.
+DEMO_INPUT = Path(__file__).parent / "assets" / "demo_input.png"
+
+
+def demo_model_dir() -> Path:
+    """The trained demo model shipped inside the package (checkpoints/demo), found without
+    importing the package (and so without torch)."""
+    spec = importlib.util.find_spec("qwen2vl_flux.checkpoints")
+    return Path(next(iter(spec.submodule_search_locations))) / "demo"
 
 
 def _progress_bar(description: str):
@@ -143,13 +152,41 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def side_by_side(inputs, outputs, min_height: int = 256):
+    """Input(s) then output(s) in one row at the output size, enlarged by an integer factor
+    (nearest neighbour, so pixels stay pixels) until at least `min_height` tall."""
+    from PIL import Image
+
+    width, height = outputs[0].size
+    tiles = [im.convert("RGB").resize((width, height), Image.Resampling.LANCZOS) for im in inputs]
+    tiles += [im.convert("RGB") for im in outputs]
+    row = Image.new("RGB", (width * len(tiles), height))
+    for i, tile in enumerate(tiles):
+        row.paste(tile, (i * width, 0))
+    factor = max(1, -(-min_height // height))
+    return row.resize((row.width * factor, height * factor), Image.Resampling.NEAREST)
+
+
 def cmd_demo(args) -> int:
+    from PIL import Image
+
     from .launch import ServerProcess
 
-    checkpoints = Path(args.checkpoints)
-    if not (checkpoints / "flux").exists():
-        print(f"making the tiny preset in {checkpoints}", file=sys.stderr)
-        cmd_make_tiny(argparse.Namespace(dir=checkpoints))
+    if args.random_tiny:
+        checkpoints = Path(args.checkpoints or DEFAULT_TINY_DIR)
+        if not (checkpoints / "flux").exists():
+            print(f"making the random tiny preset in {checkpoints}", file=sys.stderr)
+            cmd_make_tiny(argparse.Namespace(dir=checkpoints))
+    else:
+        checkpoints = Path(args.checkpoints) if args.checkpoints else demo_model_dir()
+        if not (checkpoints / "flux").exists():
+            raise SystemExit(f"no checkpoint at {checkpoints}: the trained demo model ships in the repository "
+                             f"(checkpoints/demo); pass --checkpoints DIR, or --random-tiny for random weights")
+    with Image.open(args.input) as picture:
+        picture.load()
+    if args.width is None and args.height is None and args.aspect_ratio is None:
+        # the demo model knows one size: its training scenes'; a variation the input's size
+        args.width, args.height = (max(16, side - side % 16) for side in picture.size)
     servers = [ServerProcess(role, checkpoints) for role in ("encoder", "generator")]
     try:
         for server in servers:
@@ -160,8 +197,12 @@ def cmd_demo(args) -> int:
         args.encoder, args.generator = servers[0].address, servers[1].address
         with Client(encoder=args.encoder, generator=args.generator, timeout=args.timeout) as client:
             result = _generate(client, args, description="variation")
-        for path in _write(result, Path(args.out), "demo"):
+        out = Path(args.out)
+        for path in _write(result, out, "demo"):
             print(path)
+        pair = out / f"demo-{result.seed}-side-by-side.png"
+        side_by_side([picture], result.images).save(pair)
+        print(pair)
     finally:
         for server in servers:
             server.stop()
@@ -213,9 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("dir")
     tiny.set_defaults(func=cmd_make_tiny)
 
-    demo = sub.add_parser("demo", help="tiny preset end to end: both servers, one variation, a PNG")
-    demo.add_argument("--checkpoints", default=str(DEFAULT_TINY_DIR))
-    demo.add_argument("--input", default=str(SAMPLE_IMAGE))
+    demo = sub.add_parser("demo", help="the trained demo model end to end: both servers, one variation, "
+                                       "the image and input|output side by side")
+    demo.add_argument("--checkpoints", default=None,
+                      help="default: the trained demo model in the package (with --random-tiny: "
+                           f"the random tiny preset, made in {DEFAULT_TINY_DIR} if missing)")
+    demo.add_argument("--random-tiny", action="store_true", help="random tiny weights instead (machinery only)")
+    demo.add_argument("--input", default=str(DEMO_INPUT), help="default: a held-out generated scene")
     demo.add_argument("--timeout", type=float, default=600.0)
     _add_generation_args(demo)
     demo.set_defaults(func=cmd_demo)

@@ -22,7 +22,9 @@ the servers load the result unchanged. Stages:
    (mode 0) maps at the serving strengths, VAE-encoded as the generator encodes them. For half
    of the steps the picture tokens are another scene's, so the layout must come from the maps.
 
-On CUDA the forward passes run under bf16 autocast (weights and optimiser stay fp32).
+On CUDA the forward passes run under bf16 autocast (weights and optimiser stay fp32) unless
+--no-autocast. Batched conditioning is made with `repeat`, never `expand`: cuBLAS fails on the
+zero-stride bf16 operand that an expanded tensor leaves for the weight gradient.
 
 Every stage is seeded from --seed; a --minutes budget may end a stage early (then the step
 count, and so the result, depends on the machine's speed). Losses go to DIR/training_log.jsonl.
@@ -54,6 +56,7 @@ DEMO = Preset(flux_heads=3, flux_head_dim=64, axes_dims_rope=(16, 24, 24), flux_
               vae_channels=(32, 64, 64, 64), vae_norm_groups=16,
               corpus=tuple(scenes.caption(s) for s in scenes.scenes(scenes.TRAIN_SEED, 512)))
 PRESETS = {"demo": DEMO, "tiny": Preset()}
+AUTOCAST = [True]   # --no-autocast clears it
 
 GUIDANCE = 3.5  # the serving default; the transformer is guidance-distilled in form
 PROMPT_BUDGET, IMAGE_ONLY_BUDGET = 256 * 28 * 28, 512 * 28 * 28  # Qwen pixel budgets (MODEL_NOTES)
@@ -111,7 +114,7 @@ def run_steps(stage: str, steps: int, loss_fn, params, log: Log, deadline: float
         factor = min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
         for group in optimizer.param_groups:
             group["lr"] = lr * factor
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and AUTOCAST[0]):
             loss = loss_fn(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -245,9 +248,10 @@ def _text_stream(embedder, encoded: list[Encoded], idx: list[int], picture_idx: 
 @torch.no_grad()
 def _latents(gen, images, size: int, seed: int) -> torch.Tensor:
     """Packed VAE latents, made as the generator makes them (`_encode_image`: preprocess,
-    latent_dist.sample, shift and scale; then `_pack`)."""
+    latent_dist.sample, shift and scale; then `_pack`), 256 images at a time."""
     generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.cat([gen._pack(gen._encode_image(im, size, size, generator, 1)) for im in images])
+    return torch.cat([gen._pack(gen._encode_image(images[i:i + 256], size, size, generator, 1))
+                      for i in range(0, len(images), 256)])
 
 
 def _flow_sample(x0: torch.Tensor, rng: torch.Generator):
@@ -293,7 +297,7 @@ def train_flux(gen, latents: torch.Tensor, encoded: list[Encoded], pooled: torch
         text = _text_stream(embedder, encoded, idx)
         pred = transformer(
             hidden_states=x_t, timestep=t, guidance=torch.full([len(idx)], GUIDANCE, device=device),
-            pooled_projections=pooled.expand(len(idx), -1), encoder_hidden_states=text,
+            pooled_projections=pooled.repeat(len(idx), 1), encoder_hidden_states=text,
             txt_ids=torch.zeros(text.shape[1], 3, device=device), img_ids=image_ids, return_dict=False)[0]
         return F.mse_loss(pred.float(), target)
 
@@ -344,12 +348,12 @@ def train_controlnet(gen, latents: torch.Tensor, controls: dict[str, torch.Tenso
             b, s = controlnet(
                 hidden_states=x_t, controlnet_cond=controls[kind][idx],
                 controlnet_mode=torch.full((n, 1), union_mode, device=device, dtype=torch.long),
-                conditioning_scale=scale, timestep=t, guidance=guidance, pooled_projections=pooled.expand(n, -1),
+                conditioning_scale=scale, timestep=t, guidance=guidance, pooled_projections=pooled.repeat(n, 1),
                 encoder_hidden_states=control_text, txt_ids=txt_ids, img_ids=image_ids, return_dict=False)
             blocks = b if blocks is None else [x + y for x, y in zip(blocks, b)]
             singles = s if singles is None else [x + y for x, y in zip(singles, s)]
         pred = gen.transformer(
-            hidden_states=x_t, timestep=t, guidance=guidance, pooled_projections=pooled.expand(n, -1),
+            hidden_states=x_t, timestep=t, guidance=guidance, pooled_projections=pooled.repeat(n, 1),
             encoder_hidden_states=text, txt_ids=txt_ids, img_ids=image_ids,
             controlnet_block_samples=blocks, controlnet_single_block_samples=singles, return_dict=False)[0]
         return F.mse_loss(pred.float(), target)
@@ -370,6 +374,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scenes", type=int, default=4096, help="training scenes (scenes.TRAIN_SEED)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model sizes")
+    p.add_argument("--no-autocast", action="store_true", help="on CUDA, train in fp32 (TF32) instead of bf16")
     p.add_argument("--steps-vae", type=int, default=3000)
     p.add_argument("--steps-flux", type=int, default=6000)
     p.add_argument("--steps-controlnet", type=int, default=3000)
@@ -382,6 +387,7 @@ def main(argv=None) -> Path:
     from qwen2vl_flux.generator_server.pipeline import FluxGenerator
 
     args = parse_args(argv)
+    AUTOCAST[0] = not args.no_autocast
     if args.size % 16:
         raise SystemExit("--size must be a multiple of 16 (the generator floors sizes to 16)")
     started = time.perf_counter()
