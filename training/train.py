@@ -22,9 +22,9 @@ the servers load the result unchanged. Stages:
    (mode 0) maps at the serving strengths, VAE-encoded as the generator encodes them. For half
    of the steps the picture tokens are another scene's, so the layout must come from the maps.
 
-On CUDA the forward passes run under bf16 autocast (weights and optimiser stay fp32) unless
---no-autocast. Batched conditioning is made with `repeat`, never `expand`: cuBLAS fails on the
-zero-stride bf16 operand that an expanded tensor leaves for the weight gradient.
+Training runs in fp32 (TF32 matmuls on CUDA): at these sizes the GPU waits on kernel launches,
+not arithmetic, and bf16 autocast failed on an H200 (torch 2.11) in cuDNN attention's backward
+in the ControlNet stage.
 
 Every stage is seeded from --seed; a --minutes budget may end a stage early (then the step
 count, and so the result, depends on the machine's speed). Losses go to DIR/training_log.jsonl.
@@ -56,7 +56,6 @@ DEMO = Preset(flux_heads=3, flux_head_dim=64, axes_dims_rope=(16, 24, 24), flux_
               vae_channels=(32, 64, 64, 64), vae_norm_groups=16,
               corpus=tuple(scenes.caption(s) for s in scenes.scenes(scenes.TRAIN_SEED, 512)))
 PRESETS = {"demo": DEMO, "tiny": Preset()}
-AUTOCAST = [True]   # --no-autocast clears it
 
 GUIDANCE = 3.5  # the serving default; the transformer is guidance-distilled in form
 PROMPT_BUDGET, IMAGE_ONLY_BUDGET = 256 * 28 * 28, 512 * 28 * 28  # Qwen pixel budgets (MODEL_NOTES)
@@ -96,8 +95,7 @@ class Budget:
         return now + max(0.0, self.end - now) * STAGE_SHARES[stage] / rest
 
 
-def run_steps(stage: str, steps: int, loss_fn, params, log: Log, deadline: float | None, lr: float,
-              device: torch.device) -> int:
+def run_steps(stage: str, steps: int, loss_fn, params, log: Log, deadline: float | None, lr: float) -> int:
     """AdamW, short warm-up, cosine decay over the steps or the stage's time, whichever runs out
     first (so a time-cut stage still anneals), gradient clipping; returns the steps done."""
     params = [p for p in params if p.requires_grad]
@@ -114,8 +112,7 @@ def run_steps(stage: str, steps: int, loss_fn, params, log: Log, deadline: float
         factor = min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
         for group in optimizer.param_groups:
             group["lr"] = lr * factor
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and AUTOCAST[0]):
-            loss = loss_fn(step)
+        loss = loss_fn(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -149,10 +146,9 @@ def train_vae(layout: CheckpointLayout, images, steps: int, batch: int, device, 
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / x[0].numel()
-        recon = recon.float()
         return F.mse_loss(recon, x) + F.l1_loss(recon, x) + kl_weight * kl
 
-    run_steps("vae", steps, loss_fn, vae.parameters(), log, deadline, lr=1e-3, device=device)
+    run_steps("vae", steps, loss_fn, vae.parameters(), log, deadline, lr=1e-3)
 
     # Latent statistics -> shift_factor / scaling_factor, as FLUX's VAE config carries them; measured
     # on samples, since the generator encodes with latent_dist.sample: its latents get unit variance.
@@ -277,7 +273,7 @@ def _sampler(gen, latents: torch.Tensor, encoded: list[Encoded], size: int, batc
 
 def _save_with_embedder(model, embedder, path: Path) -> None:
     """The published layout keeps context_embedder inside the model: put it back to save. In
-    bf16, as FLUX.1-dev ships (and to keep the checkpoint under 40 MB); training ran in bf16 too."""
+    bf16, as FLUX.1-dev ships, which keeps the checkpoint under 40 MB."""
     model.context_embedder = embedder
     model.to(torch.bfloat16).save_pretrained(path)
     model.to(torch.float32)
@@ -299,10 +295,10 @@ def train_flux(gen, latents: torch.Tensor, encoded: list[Encoded], pooled: torch
             hidden_states=x_t, timestep=t, guidance=torch.full([len(idx)], GUIDANCE, device=device),
             pooled_projections=pooled.repeat(len(idx), 1), encoder_hidden_states=text,
             txt_ids=torch.zeros(text.shape[1], 3, device=device), img_ids=image_ids, return_dict=False)[0]
-        return F.mse_loss(pred.float(), target)
+        return F.mse_loss(pred, target)
 
     run_steps("flux", steps, loss_fn, list(transformer.parameters()) + list(embedder.parameters()),
-              log, deadline, lr=5e-4, device=device)
+              log, deadline, lr=5e-4)
     transformer.eval(), embedder.eval()
 
 
@@ -356,10 +352,10 @@ def train_controlnet(gen, latents: torch.Tensor, controls: dict[str, torch.Tenso
             hidden_states=x_t, timestep=t, guidance=guidance, pooled_projections=pooled.repeat(n, 1),
             encoder_hidden_states=text, txt_ids=txt_ids, img_ids=image_ids,
             controlnet_block_samples=blocks, controlnet_single_block_samples=singles, return_dict=False)[0]
-        return F.mse_loss(pred.float(), target)
+        return F.mse_loss(pred, target)
 
     run_steps("controlnet", steps, loss_fn, list(controlnet.parameters()) + list(embedder.parameters()),
-              log, deadline, lr=5e-4, device=device)
+              log, deadline, lr=5e-4)
     controlnet.eval(), embedder.eval()
 
 
@@ -374,7 +370,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scenes", type=int, default=4096, help="training scenes (scenes.TRAIN_SEED)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model sizes")
-    p.add_argument("--no-autocast", action="store_true", help="on CUDA, train in fp32 (TF32) instead of bf16")
     p.add_argument("--steps-vae", type=int, default=3000)
     p.add_argument("--steps-flux", type=int, default=6000)
     p.add_argument("--steps-controlnet", type=int, default=3000)
@@ -387,7 +382,6 @@ def main(argv=None) -> Path:
     from qwen2vl_flux.generator_server.pipeline import FluxGenerator
 
     args = parse_args(argv)
-    AUTOCAST[0] = not args.no_autocast
     if args.size % 16:
         raise SystemExit("--size must be a multiple of 16 (the generator floors sizes to 16)")
     started = time.perf_counter()
