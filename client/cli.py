@@ -170,7 +170,7 @@ def side_by_side(inputs, outputs, min_height: int = 256):
 def cmd_demo(args) -> int:
     from PIL import Image
 
-    from .launch import ServerProcess
+    from .launch import serving_pair
 
     if args.random_tiny:
         checkpoints = Path(args.checkpoints or DEFAULT_TINY_DIR)
@@ -187,25 +187,16 @@ def cmd_demo(args) -> int:
     if args.width is None and args.height is None and args.aspect_ratio is None:
         # the demo model knows one size: its training scenes'; a variation the input's size
         args.width, args.height = (max(16, side - side % 16) for side in picture.size)
-    servers = [ServerProcess(role, checkpoints) for role in ("encoder", "generator")]
-    try:
-        for server in servers:
-            server.start()
-        for server in servers:
-            server.wait_serving()
-            print(f"{server.role} serving on {server.address}", file=sys.stderr)
-        args.encoder, args.generator = servers[0].address, servers[1].address
-        with Client(encoder=args.encoder, generator=args.generator, timeout=args.timeout) as client:
+    with serving_pair(checkpoints, lambda server: print(f"{server.role} serving on {server.address}",
+                                                        file=sys.stderr)) as (encoder, generator):
+        with Client(encoder=encoder.address, generator=generator.address, timeout=args.timeout) as client:
             result = _generate(client, args, description="variation")
-        out = Path(args.out)
-        for path in _write(result, out, "demo"):
-            print(path)
-        pair = out / f"demo-{result.seed}-side-by-side.png"
-        side_by_side([picture], result.images).save(pair)
-        print(pair)
-    finally:
-        for server in servers:
-            server.stop()
+    out = Path(args.out)
+    for path in _write(result, out, "demo"):
+        print(path)
+    pair = out / f"demo-{result.seed}-side-by-side.png"
+    side_by_side([picture], result.images).save(pair)
+    print(pair)
     return 0
 
 

@@ -5,6 +5,7 @@ points a user runs. Needs the server extra installed (torch, transformers, diffu
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -103,3 +104,21 @@ class ServerProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+@contextlib.contextmanager
+def serving_pair(checkpoints: str | Path, on_serving=None):
+    """Encoder and generator on `checkpoints`, both SERVING inside the block, stopped after it.
+    `on_serving(server)` is called as each one comes up."""
+    servers = [ServerProcess(role, checkpoints) for role in ("encoder", "generator")]
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_serving()
+            if on_serving is not None:
+                on_serving(server)
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qwen2vl_flux.client import Client
-from qwen2vl_flux.client.launch import ServerProcess
+from qwen2vl_flux.client.launch import serving_pair
 
 
 @pytest.fixture(scope="session")
@@ -17,14 +17,8 @@ def tiny_checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def servers(tiny_checkpoints):
-    started = [ServerProcess(role, tiny_checkpoints).start() for role in ("encoder", "generator")]
-    try:
-        for server in started:
-            server.wait_serving()
-        yield {server.role: server for server in started}
-    finally:
-        for server in started:
-            server.stop()
+    with serving_pair(tiny_checkpoints) as pair:
+        yield {server.role: server for server in pair}
 
 
 @pytest.fixture(scope="session")

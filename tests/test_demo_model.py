@@ -6,13 +6,15 @@ Random weights cannot pass these: they are what the training bought. The model s
 so they fail loudly once a retrained model passes them and the marker has to go."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from qwen2vl_flux.client import Client
 from qwen2vl_flux.client.cli import DEMO_INPUT, demo_model_dir
-from qwen2vl_flux.client.launch import ServerProcess
+from qwen2vl_flux.client.launch import serving_pair
 from qwen2vl_flux.training import evaluate, scenes
 
 NOT_YET = pytest.mark.xfail(strict=True, reason="demo model v1 does not follow prompts or control maps "
@@ -21,15 +23,9 @@ NOT_YET = pytest.mark.xfail(strict=True, reason="demo model v1 does not follow p
 
 @pytest.fixture(scope="module")
 def client():
-    servers = [ServerProcess(role, demo_model_dir()).start() for role in ("encoder", "generator")]
-    try:
-        for server in servers:
-            server.wait_serving()
-        with Client(servers[0].address, servers[1].address, timeout=300) as c:
-            yield c
-    finally:
-        for server in servers:
-            server.stop()
+    with serving_pair(demo_model_dir()) as (encoder, generator), \
+            Client(encoder.address, generator.address, timeout=300) as c:
+        yield c
 
 
 def test_demo_input_is_the_first_held_out_scene():
@@ -72,5 +68,5 @@ def test_shipped_checkpoint_is_at_most_40_mb_with_its_training_log():
     root = demo_model_dir()
     total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
     assert total <= 40 * 1024 * 1024, total
-    stages = {line.split('"stage": "')[1].split('"')[0] for line in (root / "training_log.jsonl").open()}
+    stages = {json.loads(line)["stage"] for line in (root / "training_log.jsonl").open()}
     assert stages == {"vae", "encode", "flux", "controlnet"}

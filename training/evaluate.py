@@ -147,24 +147,17 @@ def controlnet(client: Client, count: int = 10, steps: int = STEPS) -> dict:
 
 def main(argv=None) -> None:
     from qwen2vl_flux.client.cli import demo_model_dir
-    from qwen2vl_flux.client.launch import ServerProcess
+    from qwen2vl_flux.client.launch import serving_pair
 
     p = argparse.ArgumentParser(prog="python -m qwen2vl_flux.training.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoints", default=None, help="default: the demo model in the package")
     p.add_argument("--steps", type=int, default=STEPS)
     args = p.parse_args(argv)
-    servers = [ServerProcess(role, args.checkpoints or demo_model_dir()).start() for role in ("encoder", "generator")]
-    try:
-        for server in servers:
-            server.wait_serving()
-        with Client(servers[0].address, servers[1].address, timeout=300) as client:
-            for name, measure in (("variation", variation), ("prompt", prompt_colour), ("inpaint", inpaint),
-                                  ("controlnet", controlnet)):
-                print(json.dumps({name: measure(client, steps=args.steps)}), flush=True)
-    finally:
-        for server in servers:
-            server.stop()
-
+    with serving_pair(args.checkpoints or demo_model_dir()) as (encoder, generator), \
+            Client(encoder.address, generator.address, timeout=300) as client:
+        for name, measure in (("variation", variation), ("prompt", prompt_colour), ("inpaint", inpaint),
+                              ("controlnet", controlnet)):
+            print(json.dumps({name: measure(client, steps=args.steps)}), flush=True)
 
 if __name__ == "__main__":
     main()
