@@ -21,6 +21,8 @@ from PIL import Image
 
 from qwen2vl_flux.client import Client
 
+from pictures import picture
+
 ROOT = Path(__file__).resolve().parent.parent
 PACK_DIR = ROOT / "comfyui_nodes"
 WORKFLOWS = ROOT / "workflows"
@@ -183,13 +185,7 @@ def services(pack, servers):
 # ---------------------------------------------------------------------------- helpers
 
 def _picture(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
-    rgb = np.stack([x * 255, y * 255, (1 - x) * 200 + 30], axis=-1)
-    for _ in range(3):
-        cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.25)
-        rgb[(x - cx) ** 2 + (y - cy) ** 2 < r ** 2] = rng.integers(0, 255, 3)
-    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+    return picture(width, height, seed, discs=3)
 
 
 def _tensor(picture: Image.Image) -> torch.Tensor:

@@ -15,17 +15,12 @@ from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
 from reference import (load_models, reference_controlnet, reference_controlnet_inpaint, reference_img2img,
                        reference_inpaint, reference_resize)
+from pictures import picture
 from test_inputs import exif_rotated_jpeg
 
 
 def _picture(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
-    rgb = np.stack([x * 255, y * 255, (1 - x) * 200 + 30], axis=-1)
-    for _ in range(4):
-        cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.25)
-        rgb[(x - cx) ** 2 + (y - cy) ** 2 < r ** 2] = rng.integers(0, 255, 3)
-    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+    return picture(width, height, seed, discs=4)
 
 
 def _mask(width: int, height: int) -> Image.Image:
