@@ -3,7 +3,7 @@
     python -m qwen2vl_flux.training.train --out DIR [--device cuda] [--minutes M] [--size 128]
         [--steps-vae N --steps-flux N --steps-controlnet N] [--scenes N] [--seed S] [--preset demo]
 
-A preset (`make_tiny_checkpoints` with `DEMO`: Qwen2-VL, T5 and CLIP tiny, FLUX 3x64 wide with
+A preset (`make_tiny_checkpoints` with `demo_preset()`: Qwen2-VL, T5 and CLIP tiny, FLUX 3x64 wide with
 2 + 4 blocks, ControlNet 1 + 2, VAE 32-64 channels) is written first, so every file the servers
 need exists; the stages below then overwrite the weights they train, with `save_pretrained`, so
 the servers load the result unchanged. Stages:
@@ -51,11 +51,15 @@ from . import scenes
 # The demo model: what is trained is wide enough to learn the scenes; what stays frozen and
 # random (Qwen2-VL, T5, CLIP, connector, t5_embedder) stays as tiny as the test preset. The T5
 # tokenizer learns the scene vocabulary, so every colour and shape word is its own token.
-DEMO = Preset(flux_heads=3, flux_head_dim=64, axes_dims_rope=(16, 24, 24), flux_layers=2,
-              flux_single_layers=4, controlnet_layers=1, controlnet_single_layers=2, t5_vocab=160,
-              vae_channels=(32, 64, 64, 64), vae_norm_groups=16,
-              corpus=tuple(scenes.caption(s) for s in scenes.scenes(scenes.TRAIN_SEED, 512)))
-PRESETS = {"demo": DEMO, "tiny": Preset()}
+def demo_preset() -> Preset:
+    """Built on use: the tokenizer corpus (512 captions) takes a moment to sample."""
+    return Preset(flux_heads=3, flux_head_dim=64, axes_dims_rope=(16, 24, 24), flux_layers=2,
+                  flux_single_layers=4, controlnet_layers=1, controlnet_single_layers=2, t5_vocab=160,
+                  vae_channels=(32, 64, 64, 64), vae_norm_groups=16,
+                  corpus=tuple(scenes.caption(s) for s in scenes.scenes(scenes.TRAIN_SEED, 512)))
+
+
+PRESETS = {"demo": demo_preset, "tiny": Preset}
 
 GUIDANCE = 3.5  # the serving default; the transformer is guidance-distilled in form
 PROMPT_BUDGET, IMAGE_ONLY_BUDGET = 256 * 28 * 28, 512 * 28 * 28  # Qwen pixel budgets (MODEL_NOTES)
@@ -167,11 +171,12 @@ class Encoded:
     prompt: torch.Tensor | None  # (1, 256, inner_dim): t5_embedder output of the caption
 
 
-def conditioning_picture(scene: scenes.Scene, index: int, size: int):
+def conditioning_picture(scene: scenes.Scene, index: int, image):
     """The picture the encoder sees for training scene `index` (its target is always the scene):
     without a caption the scene itself; with one (even indices), in turn the scene, its shapes
-    recoloured, one shape removed, one shape's area mean-filled. Seeded by the index."""
-    image = scenes.render(scene, size)
+    recoloured, one shape removed, one shape's area mean-filled. Seeded by the index.
+    `image` is the scene rendered; the others are rendered at its size."""
+    size = image.size
     if index % 2 or (index // 2) % 4 == 0:
         return image
     rng = np.random.default_rng([scenes.TRAIN_SEED, index, 7])
@@ -183,7 +188,7 @@ def conditioning_picture(scene: scenes.Scene, index: int, size: int):
     return scenes.mean_fill(image, scenes.mask_for(scene, shape, size))
 
 
-def encode_scenes(layout: CheckpointLayout, scene_list, size: int, device, log: Log
+def encode_scenes(layout: CheckpointLayout, scene_list, images, device, log: Log
                   ) -> tuple[list[Encoded], torch.Tensor]:
     """Conditioning exactly as at serving time: the connector tokens of the scene's conditioning
     picture, with its caption as the prompt for every other scene (budget 256*28*28) and none
@@ -193,10 +198,10 @@ def encode_scenes(layout: CheckpointLayout, scene_list, size: int, device, log: 
     start = time.perf_counter()
     encoder = Qwen2VLFluxEncoder(layout.root, device=device)
     encoded = []
-    for i, scene in enumerate(scene_list):
+    for i, (scene, image) in enumerate(zip(scene_list, images)):
         prompt = scenes.caption(scene) if i % 2 == 0 else None
         parts, prompt_tokens = encoder.encode_parts(
-            [("a", conditioning_picture(scene, i, size), None)], prompt,
+            [("a", conditioning_picture(scene, i, image), None)], prompt,
             PROMPT_BUDGET if prompt else IMAGE_ONLY_BUDGET)
         # clone() outside inference mode: inference tensors cannot take part in autograd.
         encoded.append(Encoded(parts[0].tokens.clone(), None if prompt_tokens is None else prompt_tokens.clone()))
@@ -385,7 +390,7 @@ def main(argv=None) -> Path:
     if args.size % 16:
         raise SystemExit("--size must be a multiple of 16 (the generator floors sizes to 16)")
     started = time.perf_counter()
-    layout = CheckpointLayout(make_tiny_checkpoints(args.out, PRESETS[args.preset]))
+    layout = CheckpointLayout(make_tiny_checkpoints(args.out, PRESETS[args.preset]()))
     log, budget, device = Log(layout.root / "training_log.jsonl"), Budget(args.minutes), torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -393,7 +398,7 @@ def main(argv=None) -> Path:
     images = [scenes.render(s, args.size) for s in scene_list]
 
     train_vae(layout, images, args.steps_vae, args.batch, device, args.seed, log, budget.stage_deadline("vae"))
-    encoded, pooled = encode_scenes(layout, scene_list, args.size, device, log)
+    encoded, pooled = encode_scenes(layout, scene_list, images, device, log)
 
     gen = FluxGenerator(layout.root, device=args.device)   # loads the trained VAE
     gen.vae.requires_grad_(False)
