@@ -78,3 +78,41 @@ def test_same_seed_reproduces_the_losses_and_the_weights(trained, tmp_path):
         a = load_file(trained / part / "diffusion_pytorch_model.safetensors")
         b = load_file(again / part / "diffusion_pytorch_model.safetensors")
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), part
+
+
+def test_conditioning_pictures_differ_from_the_scene_only_where_the_caption_corrects_them():
+    np = pytest.importorskip("numpy")
+    for i, scene in enumerate(scenes.scenes(scenes.TRAIN_SEED, 16)):
+        image = scenes.render(scene, SIZE)
+        picture, prompt = train.conditioning(scene, i, image)
+        role = train.ROLES[i % len(train.ROLES)]
+        assert (prompt is None) == (role == "no caption") and prompt in (None, scenes.caption(scene))
+        changed = (np.asarray(picture) != np.asarray(image)).any(-1)
+        if role in ("scene", "no caption"):
+            assert picture is image
+            continue
+        assert changed.any(), (i, role)
+        shapes = scenes.labels(scene, SIZE) >= 0
+        # recolouring changes shape pixels only; a fill may spill over a nearer shape, never the background
+        assert not (changed & ~shapes).any(), (i, role)
+
+
+def test_flow_sample_lies_on_a_straight_path_from_the_noised_picture_to_the_scene():
+    import torch
+
+    x0, source = torch.randn(256, 4, 8, generator=torch.Generator().manual_seed(0)).chunk(2)
+    t, x_t, v = train._flow_sample(x0, source, torch.Generator().manual_seed(1))
+    tt = t.view(-1, 1, 1)
+    torch.testing.assert_close(x_t - tt * v, x0, rtol=0, atol=1e-5)   # the velocity ends at the scene
+    # the same draws with the scene as its own source: plain rectified flow
+    t_same, x_same, v_same = train._flow_sample(x0, x0, torch.Generator().manual_seed(1))
+    assert torch.equal(t_same, t)
+    noise = (x_same - (1 - tt) * x0) / tt
+    torch.testing.assert_close(v_same, noise - x0, rtol=0, atol=1e-4)
+    # the picture's weight in x_t: positive, at most the (1 - t) a plain sample gives the scene
+    weight = ((x_t - x_same) / (source - x0)).flatten(1)
+    torch.testing.assert_close(weight.min(1).values, weight.max(1).values, rtol=0, atol=1e-3)
+    w = weight.mean(1)
+    assert (w > 0).all() and (w <= 1 - t + 1e-4).all()
+    early = t < train.EDIT_START[0]   # after every possible start: part of the way to the scene
+    assert early.any() and (w[early] < 1 - t[early]).all()

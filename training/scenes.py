@@ -164,20 +164,15 @@ def mask_for(scene: Scene, index: int, size, visible: bool = False) -> Image.Ima
     return Image.fromarray(inside.astype(np.uint8) * 255, "L")
 
 
-def recoloured(scene: Scene, rng: np.random.Generator) -> Scene:
-    """Every shape in another colour (never a background colour): a picture whose colours a
-    prompt has to correct."""
+def recoloured(scene: Scene, rng: np.random.Generator, which: list[int]) -> Scene:
+    """The shapes at `which` in another colour (never a background colour): a picture whose
+    colours a prompt has to correct."""
     free = [c for c in COLOURS if c not in scene.colours]
-    shapes = []
-    for s in scene.shapes:
-        others = [c for c in free if c != s.colour]
-        shapes.append(replace(s, colour=others[rng.integers(len(others))]))
+    shapes = list(scene.shapes)
+    for i in which:
+        others = [c for c in free if c != shapes[i].colour]
+        shapes[i] = replace(shapes[i], colour=others[rng.integers(len(others))])
     return replace(scene, shapes=tuple(shapes))
-
-
-def without_shape(scene: Scene, index: int) -> Scene:
-    """The scene with one shape taken away (what is behind it shows)."""
-    return replace(scene, shapes=scene.shapes[:index] + scene.shapes[index + 1:])
 
 
 def mean_fill(image: Image.Image, mask: Image.Image) -> Image.Image:

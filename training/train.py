@@ -4,23 +4,29 @@
         [--steps-vae N --steps-flux N --steps-controlnet N] [--scenes N] [--seed S] [--preset demo]
 
 A preset (`make_tiny_checkpoints` with `demo_preset()`: Qwen2-VL, T5 and CLIP tiny, FLUX 3x64 wide with
-2 + 4 blocks, ControlNet 1 + 2, VAE 32-64 channels) is written first, so every file the servers
+2 + 4 blocks, ControlNet 2 + 4 (a full copy), VAE 32-64 channels) is written first, so every file the servers
 need exists; the stages below then overwrite the weights they train, with `save_pretrained`, so
 the servers load the result unchanged. Stages:
 
-1. VAE: reconstruction (MSE + L1) and a small KL on the scene images; shift/scale factors
-   re-measured on the trained latents (as FLUX's were) and written to its config.
+1. VAE: reconstruction (MSE + L1) and a small KL on the scene images and, since the generator
+   VAE-encodes the control maps too, on depth and edge maps (a third of the data); shift/scale
+   factors re-measured on the trained latents of the scenes (as FLUX's were) and written to its config.
 2. Encodings: the project's own `Qwen2VLFluxEncoder` (frozen random Qwen2-VL, T5, CLIP, and the
    preset's connector and t5_embedder) gives, per scene, the connector tokens of a picture and,
-   for half of the scenes, the T5 tokens of its caption (pixel budget as at serving time). With a
-   caption, the picture is the scene itself or, in three of four cases, a corrupted one (shapes
-   recoloured, a shape removed, a shape's area mean-filled) while the target stays the scene:
-   so the prompt carries what the picture lacks, which is what prompts and inpainting ask for.
+   for three scenes in four, the T5 tokens of its caption (pixel budgets as at serving time).
+   The picture is the scene, or (with a caption) the scene with some shapes recoloured or one
+   shape's area mean-filled, while the target stays the scene: the prompt carries what the
+   picture lacks, which is what prompts and inpainting ask of it.
 3. FLUX transformer + its context_embedder: rectified flow matching on packed VAE latents,
-   called exactly as `FluxGenerator.denoise` calls it.
+   called exactly as `FluxGenerator.denoise` calls it. Serving starts img2img and inpaint from
+   the input picture noised to t0 (strength 0.8: t0 ~ 0.87 after the shift), so samples lie on
+   the straight path from the noised conditioning picture at a random t0 to the scene: the
+   model learns to correct what it is started from (for an unchanged picture, plain flow matching).
 4. Union ControlNet (+ its context_embedder), transformer frozen, on depth (mode 2) and edge
-   (mode 0) maps at the serving strengths, VAE-encoded as the generator encodes them. For half
-   of the steps the picture tokens are another scene's, so the layout must come from the maps.
+   (mode 0) maps at the serving strengths, VAE-encoded as the generator encodes them, without
+   a prompt (as the ControlNet check asks). For three steps in four the picture tokens are
+   another scene's, and the path starts from that scene noised (as the corrected controlnet
+   mode starts from the input picture): the layout has to come from the maps.
 
 Training runs in fp32 (TF32 matmuls on CUDA): at these sizes the GPU waits on kernel launches,
 not arithmetic, and bf16 autocast failed on an H200 (torch 2.11) in cuDNN attention's backward
@@ -54,7 +60,7 @@ from . import scenes
 def demo_preset() -> Preset:
     """Built on use: the tokenizer corpus (512 captions) takes a moment to sample."""
     return Preset(flux_heads=3, flux_head_dim=64, axes_dims_rope=(16, 24, 24), flux_layers=2,
-                  flux_single_layers=4, controlnet_layers=1, controlnet_single_layers=2, t5_vocab=160,
+                  flux_single_layers=4, controlnet_layers=2, controlnet_single_layers=4, t5_vocab=160,
                   vae_channels=(32, 64, 64, 64), vae_norm_groups=16,
                   corpus=tuple(scenes.caption(s) for s in scenes.scenes(scenes.TRAIN_SEED, 512)))
 
@@ -67,7 +73,12 @@ PROMPT_BUDGET, IMAGE_ONLY_BUDGET = 256 * 28 * 28, 512 * 28 * 28  # Qwen pixel bu
 CONTROLS = {"depth": (CONTROL_MODE_DEPTH, DEFAULTS["depth_strength"]),
             "line": (CONTROL_MODE_LINE, DEFAULTS["line_strength"])}
 CONTROL_CHOICES = (("depth",), ("line",), ("depth", "line"))
-STAGE_SHARES = {"vae": 0.15, "flux": 0.6, "controlnet": 0.25}  # of the --minutes budget
+STAGE_SHARES = {"vae": 0.1, "flux": 0.6, "controlnet": 0.3}  # of the --minutes budget
+# What the encoder sees of training scene i, by i % len(ROLES): the scene with some shapes
+# recoloured or one shape mean-filled (with the caption, which the target follows), the scene with
+# its caption, or the scene alone (no prompt, as a plain variation).
+ROLES = ("filled", "recoloured", "filled", "no caption", "scene", "recoloured", "filled", "no caption")
+EDIT_START = (0.6, 1.0)  # t0, where a sample's path leaves the noised conditioning picture: uniform
 
 
 # ---------------------------------------------------------------- bookkeeping
@@ -136,13 +147,15 @@ def _pixels(images, device) -> torch.Tensor:
 
 # ---------------------------------------------------------------- 1. VAE
 
-def train_vae(layout: CheckpointLayout, images, steps: int, batch: int, device, seed: int, log: Log,
+def train_vae(layout: CheckpointLayout, images, maps, steps: int, batch: int, device, seed: int, log: Log,
               deadline: float | None, kl_weight: float = 1e-6) -> None:
+    """`maps`: RGB control maps, trained on beside the scene `images`; the latent statistics
+    come from the images alone."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(layout.vae).to(device).train()
-    data = _pixels(images, device)
+    data = _pixels(images + maps, device)
     rng = torch.Generator().manual_seed(seed)
 
     def loss_fn(step):
@@ -158,7 +171,8 @@ def train_vae(layout: CheckpointLayout, images, steps: int, batch: int, device, 
     # on samples, since the generator encodes with latent_dist.sample: its latents get unit variance.
     vae.eval()
     with torch.no_grad():
-        latents = torch.cat([vae.encode(data[i:i + 64]).latent_dist.sample(rng) for i in range(0, len(data), 64)])
+        latents = torch.cat([vae.encode(data[i:min(i + 64, len(images))]).latent_dist.sample(rng)
+                             for i in range(0, len(images), 64)])
     vae.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1 / latents.std()))
     vae.to("cpu").save_pretrained(layout.vae)
 
@@ -167,42 +181,38 @@ def train_vae(layout: CheckpointLayout, images, steps: int, batch: int, device, 
 
 @dataclass
 class Encoded:
-    qwen: torch.Tensor           # (1, N, joint_attention_dim): connector output of the image
+    qwen: torch.Tensor           # (1, N, joint_attention_dim): connector output of the picture
     prompt: torch.Tensor | None  # (1, 256, inner_dim): t5_embedder output of the caption
 
 
-def conditioning_picture(scene: scenes.Scene, index: int, image):
-    """The picture the encoder sees for training scene `index` (its target is always the scene):
-    without a caption the scene itself; with one (even indices), in turn the scene, its shapes
-    recoloured, one shape removed, one shape's area mean-filled. Seeded by the index.
-    `image` is the scene rendered; the others are rendered at its size."""
-    size = image.size
-    if index % 2 or (index // 2) % 4 == 0:
-        return image
-    rng = np.random.default_rng([scenes.TRAIN_SEED, index, 7])
-    kind, shape = (index // 2) % 4, int(rng.integers(len(scene.shapes)))
-    if kind == 1:
-        return scenes.render(scenes.recoloured(scene, rng), size)
-    if kind == 2:
-        return scenes.render(scenes.without_shape(scene, shape), size)
-    return scenes.mean_fill(image, scenes.mask_for(scene, shape, size))
+def conditioning(scene: scenes.Scene, index: int, image) -> tuple:
+    """(picture, caption or None) the encoder sees for training scene `index`, by ROLES; the
+    target is always the scene. `image` is the scene rendered; seeded by the index."""
+    role = ROLES[index % len(ROLES)]
+    if role == "no caption":
+        return image, None
+    prompt, rng = scenes.caption(scene), np.random.default_rng([scenes.TRAIN_SEED, index, 7])
+    n = len(scene.shapes)
+    if role == "recoloured":
+        which = [i for i in range(n) if rng.random() < 0.5] or [int(rng.integers(n))]
+        return scenes.render(scenes.recoloured(scene, rng, which), image.size), prompt
+    if role == "filled":  # the front shape (as the inpaint check fills it) or any
+        shape = n - 1 if rng.random() < 0.5 else int(rng.integers(n))
+        return scenes.mean_fill(image, scenes.mask_for(scene, shape, image.size)), prompt
+    return image, prompt
 
 
-def encode_scenes(layout: CheckpointLayout, scene_list, images, device, log: Log
-                  ) -> tuple[list[Encoded], torch.Tensor]:
-    """Conditioning exactly as at serving time: the connector tokens of the scene's conditioning
-    picture, with its caption as the prompt for every other scene (budget 256*28*28) and none
-    otherwise (512*28*28)."""
+def encode_scenes(layout: CheckpointLayout, conditions, device, log: Log) -> tuple[list[Encoded], torch.Tensor]:
+    """Conditioning exactly as at serving time: the connector tokens of each (picture, caption)
+    and the caption's T5 tokens (budget 256*28*28 with a prompt, 512*28*28 without)."""
     from qwen2vl_flux.encoder_server.model import Qwen2VLFluxEncoder
 
     start = time.perf_counter()
     encoder = Qwen2VLFluxEncoder(layout.root, device=device)
     encoded = []
-    for i, (scene, image) in enumerate(zip(scene_list, images)):
-        prompt = scenes.caption(scene) if i % 2 == 0 else None
+    for picture, prompt in conditions:
         parts, prompt_tokens = encoder.encode_parts(
-            [("a", conditioning_picture(scene, i, image), None)], prompt,
-            PROMPT_BUDGET if prompt else IMAGE_ONLY_BUDGET)
+            [("a", picture, None)], prompt, PROMPT_BUDGET if prompt else IMAGE_ONLY_BUDGET)
         # clone() outside inference mode: inference tensors cannot take part in autograd.
         encoded.append(Encoded(parts[0].tokens.clone(), None if prompt_tokens is None else prompt_tokens.clone()))
     pooled = encoder.pooled.clone()
@@ -211,19 +221,19 @@ def encode_scenes(layout: CheckpointLayout, scene_list, images, device, log: Log
     return encoded, pooled
 
 
-def _groups(encoded: list[Encoded]) -> list[list[int]]:
+def _groups(encoded: list[Encoded], prompts: bool) -> list[list[int]]:
     """Scenes whose text streams have the same shape, so they batch without padding."""
     groups: dict[tuple, list[int]] = {}
     for i, e in enumerate(encoded):
-        groups.setdefault((e.qwen.shape[1], e.prompt is None), []).append(i)
+        groups.setdefault((e.qwen.shape[1], prompts and e.prompt is None), []).append(i)
     return list(groups.values())
 
 
 class Batches:
     """Seeded batches of scene indices drawn from one shape group at a time."""
 
-    def __init__(self, encoded: list[Encoded], batch: int, seed: int):
-        self.groups = _groups(encoded)
+    def __init__(self, encoded: list[Encoded], batch: int, seed: int, prompts: bool):
+        self.groups = _groups(encoded, prompts)
         self.weights = torch.tensor([len(g) for g in self.groups], dtype=torch.float)
         self.batch, self.rng = batch, torch.Generator().manual_seed(seed)
 
@@ -236,12 +246,12 @@ class Batches:
         return [group[int(i)] for i in picks], [group[int(i)] for i in others]
 
 
-def _text_stream(embedder, encoded: list[Encoded], idx: list[int], picture_idx: list[int] | None = None
-                 ) -> torch.Tensor:
+def _text_stream(embedder, encoded: list[Encoded], idx: list[int], picture_idx: list[int] | None = None,
+                 prompts: bool = True) -> torch.Tensor:
     """cat[context_embedder(qwen), t5 tokens], as FluxGenerator._text_streams builds it; the
     picture tokens may come from other scenes (`picture_idx`) than the captions."""
     parts = [embedder(torch.cat([encoded[i].qwen for i in picture_idx or idx]))]
-    if encoded[idx[0]].prompt is not None:
+    if prompts and encoded[idx[0]].prompt is not None:
         parts.append(torch.cat([encoded[i].prompt for i in idx]))
     return torch.cat(parts, dim=1)
 
@@ -255,23 +265,32 @@ def _latents(gen, images, size: int, seed: int) -> torch.Tensor:
                       for i in range(0, len(images), 256)])
 
 
-def _flow_sample(x0: torch.Tensor, rng: torch.Generator):
-    """t ~ sigmoid(N(0, 1)); x_t = (1 - t) x0 + t noise; target v = noise - x0."""
+def _flow_sample(x0: torch.Tensor, source: torch.Tensor, rng: torch.Generator):
+    """A point on the straight path that starts at t0 from the source noised, x_t0 = (1 - t0)
+    source + t0 noise (before t0: x_t = (1 - t) source + t noise), and ends at x0 at t = 0;
+    t ~ sigmoid(N(0, 1)), t0 ~ U(EDIT_START). Target: the path's velocity, (x_t - x0) / t. Where
+    source is x0 this is plain rectified flow: x_t = (1 - t) x0 + t noise, v = noise - x0."""
     t = torch.sigmoid(torch.randn(x0.shape[0], generator=rng)).to(x0.device)
+    t0 = torch.empty(x0.shape[0]).uniform_(*EDIT_START, generator=rng).to(x0.device)
     noise = torch.randn(x0.shape, generator=rng).to(x0.device)
-    tt = t.view(-1, 1, 1)
-    return t, (1 - tt) * x0 + tt * noise, noise - x0
+    tt, s = t.view(-1, 1, 1), torch.maximum(t, t0).view(-1, 1, 1)
+    x_t = tt * noise + (tt / s) * (1 - s) * source + (1 - tt / s) * x0
+    return t, x_t, noise + ((1 - s) * source - x0) / s
 
 
-def _sampler(gen, latents: torch.Tensor, encoded: list[Encoded], size: int, batch: int, seed: int):
-    """Per step: a batch of scene indices and its flow-matching sample, plus the fixed img_ids."""
+def _sampler(gen, latents: torch.Tensor, sources: torch.Tensor, encoded: list[Encoded], size: int, batch: int,
+             seed: int, prompts: bool = True, others_every: int = 0):
+    """Per step: scene indices, the scenes whose pictures condition them (another scene of the
+    batch's group on all steps but every `others_every`-th, if set), and the flow-matching sample
+    started from those pictures' latents (`sources`); plus the fixed img_ids."""
     latent_side = 2 * (size // (gen.vae_scale_factor * 2))
     image_ids = gen._image_ids(latent_side, latent_side)
-    batches, rng = Batches(encoded, batch, seed), torch.Generator().manual_seed(seed + 1)
+    batches, rng = Batches(encoded, batch, seed, prompts), torch.Generator().manual_seed(seed + 1)
 
-    def sample():
+    def sample(step: int):
         idx, others = batches()
-        return (idx, others, *_flow_sample(latents[idx], rng))
+        pictures = others if others_every and step % others_every else idx
+        return (idx, pictures, *_flow_sample(latents[idx], sources[pictures], rng))
 
     return sample, image_ids
 
@@ -287,14 +306,14 @@ def _save_with_embedder(model, embedder, path: Path) -> None:
 
 # ---------------------------------------------------------------- 3. FLUX transformer
 
-def train_flux(gen, latents: torch.Tensor, encoded: list[Encoded], pooled: torch.Tensor, size: int,
-               steps: int, batch: int, seed: int, log: Log, deadline: float | None) -> None:
+def train_flux(gen, latents: torch.Tensor, sources: torch.Tensor, encoded: list[Encoded], pooled: torch.Tensor,
+               size: int, steps: int, batch: int, lr: float, seed: int, log: Log, deadline: float | None) -> None:
     torch.manual_seed(seed)
     transformer, embedder, device = gen.transformer.train(), gen.context_embedder.train(), gen.device
-    sample, image_ids = _sampler(gen, latents, encoded, size, batch, seed)
+    sample, image_ids = _sampler(gen, latents, sources, encoded, size, batch, seed)
 
     def loss_fn(step):
-        idx, _, t, x_t, target = sample()
+        idx, _, t, x_t, target = sample(step)
         text = _text_stream(embedder, encoded, idx)
         pred = transformer(
             hidden_states=x_t, timestep=t, guidance=torch.full([len(idx)], GUIDANCE, device=device),
@@ -303,7 +322,7 @@ def train_flux(gen, latents: torch.Tensor, encoded: list[Encoded], pooled: torch
         return F.mse_loss(pred, target)
 
     run_steps("flux", steps, loss_fn, list(transformer.parameters()) + list(embedder.parameters()),
-              log, deadline, lr=5e-4)
+              log, deadline, lr=lr)
     transformer.eval(), embedder.eval()
 
 
@@ -326,25 +345,25 @@ def init_controlnet_from_transformer(gen) -> None:
         torch.nn.init.zeros_(module.bias)
 
 
-def train_controlnet(gen, latents: torch.Tensor, controls: dict[str, torch.Tensor], encoded: list[Encoded],
-                     pooled: torch.Tensor, size: int, steps: int, batch: int, seed: int, log: Log,
-                     deadline: float | None) -> None:
+def train_controlnet(gen, latents: torch.Tensor, controls: dict[str, torch.Tensor],
+                     encoded: list[Encoded], pooled: torch.Tensor, size: int, steps: int, batch: int, lr: float,
+                     seed: int, log: Log, deadline: float | None) -> None:
     torch.manual_seed(seed)
     controlnet, embedder, device = gen.controlnet.train(), gen.controlnet_context_embedder.train(), gen.device
     gen.transformer.requires_grad_(False)
     gen.context_embedder.requires_grad_(False)
-    sample, image_ids = _sampler(gen, latents, encoded, size, batch, seed)
+    # paths start from the picture's scene (clean, even where its tokens are of a corrected picture)
+    sample, image_ids = _sampler(gen, latents, latents, encoded, size, batch, seed, prompts=False, others_every=4)
 
     def loss_fn(step):
-        idx, others, t, x_t, target = sample()
+        idx, pictures, t, x_t, target = sample(step)
         n = len(idx)
-        pictures = others if step % 2 else idx   # half the time the layout is only in the maps
         guidance = torch.full([n], GUIDANCE, device=device)
-        text = _text_stream(gen.context_embedder, encoded, idx, pictures)
-        control_text = _text_stream(embedder, encoded, idx, pictures)
+        text = _text_stream(gen.context_embedder, encoded, idx, pictures, prompts=False)
+        control_text = _text_stream(embedder, encoded, idx, pictures, prompts=False)
         txt_ids = torch.zeros(text.shape[1], 3, device=device)
         blocks = singles = None
-        for kind in CONTROL_CHOICES[step % len(CONTROL_CHOICES)]:   # depth, line, both (summed)
+        for kind in CONTROL_CHOICES[(step // 4) % len(CONTROL_CHOICES)]:   # depth, line, both (summed)
             union_mode, scale = CONTROLS[kind]
             b, s = controlnet(
                 hidden_states=x_t, controlnet_cond=controls[kind][idx],
@@ -360,7 +379,7 @@ def train_controlnet(gen, latents: torch.Tensor, controls: dict[str, torch.Tenso
         return F.mse_loss(pred, target)
 
     run_steps("controlnet", steps, loss_fn, list(controlnet.parameters()) + list(embedder.parameters()),
-              log, deadline, lr=5e-4)
+              log, deadline, lr=lr)
     controlnet.eval(), embedder.eval()
 
 
@@ -373,7 +392,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget for the three training stages")
     p.add_argument("--size", type=int, default=128, help="training resolution (square, multiple of 16)")
     p.add_argument("--scenes", type=int, default=4096, help="training scenes (scenes.TRAIN_SEED)")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=32, help="FLUX and ControlNet batch")
+    p.add_argument("--batch-vae", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4, help="FLUX and ControlNet peak learning rate")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model sizes")
     p.add_argument("--steps-vae", type=int, default=3000)
     p.add_argument("--steps-flux", type=int, default=6000)
@@ -396,23 +417,30 @@ def main(argv=None) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     scene_list = list(scenes.scenes(scenes.TRAIN_SEED, args.scenes))
     images = [scenes.render(s, args.size) for s in scene_list]
+    maps = {"depth": [scenes.depth_map(s, args.size).convert("RGB") for s in scene_list],
+            "line": [scenes.edge_map(s, args.size).convert("RGB") for s in scene_list]}
 
-    train_vae(layout, images, args.steps_vae, args.batch, device, args.seed, log, budget.stage_deadline("vae"))
-    encoded, pooled = encode_scenes(layout, scene_list, images, device, log)
+    quarter = max(1, len(images) // 4)
+    train_vae(layout, images, maps["depth"][:quarter] + maps["line"][:quarter], args.steps_vae, args.batch_vae,
+              device, args.seed, log, budget.stage_deadline("vae"))
+    conditions = [conditioning(s, i, image) for i, (s, image) in enumerate(zip(scene_list, images))]
+    encoded, pooled = encode_scenes(layout, conditions, device, log)
 
     gen = FluxGenerator(layout.root, device=args.device)   # loads the trained VAE
     gen.vae.requires_grad_(False)
     latents = _latents(gen, images, args.size, args.seed)
-    train_flux(gen, latents, encoded, pooled, args.size, args.steps_flux, args.batch, args.seed + 1, log,
-               budget.stage_deadline("flux"))
+    sources = latents.clone()   # the latents of the conditioning pictures that are not the scene
+    changed = [i for i, (picture, _) in enumerate(conditions) if picture is not images[i]]
+    if changed:
+        sources[changed] = _latents(gen, [conditions[i][0] for i in changed], args.size, args.seed + 4)
+    train_flux(gen, latents, sources, encoded, pooled, args.size, args.steps_flux, args.batch, args.lr,
+               args.seed + 1, log, budget.stage_deadline("flux"))
     _save_with_embedder(gen.transformer, gen.context_embedder, layout.transformer)
 
-    controls = {kind: _latents(gen, [m.convert("RGB") for m in maps], args.size, args.seed + 2)
-                for kind, maps in (("depth", [scenes.depth_map(s, args.size) for s in scene_list]),
-                                   ("line", [scenes.edge_map(s, args.size) for s in scene_list]))}
+    controls = {kind: _latents(gen, kind_maps, args.size, args.seed + 2) for kind, kind_maps in maps.items()}
     init_controlnet_from_transformer(gen)
-    train_controlnet(gen, latents, controls, encoded, pooled, args.size, args.steps_controlnet, args.batch,
-                     args.seed + 3, log, budget.stage_deadline("controlnet"))
+    train_controlnet(gen, latents, controls, encoded, pooled, args.size, args.steps_controlnet,
+                     args.batch, args.lr, args.seed + 3, log, budget.stage_deadline("controlnet"))
     _save_with_embedder(gen.controlnet, gen.controlnet_context_embedder, layout.controlnet)
 
     total = sum(f.stat().st_size for f in layout.root.rglob("*") if f.is_file())
