@@ -1,9 +1,8 @@
 """What the trained demo model (checkpoints/demo) paints, through the real servers on held-out
 generated scenes, each against a baseline (training/evaluate.py measures, these assert).
 
-Random weights cannot pass these: they are what the training bought. The model shipped now
-(7.5 minutes on one H200) passes the variation test only; the other three are strict xfails,
-so they fail loudly once a retrained model passes them and the marker has to go."""
+Random weights cannot pass these: they are what the training bought (training/RESULTS.md has
+the run and the margins)."""
 from __future__ import annotations
 
 import json
@@ -16,10 +15,6 @@ from qwen2vl_flux.client import Client
 from qwen2vl_flux.client.cli import DEMO_INPUT, demo_model_dir
 from qwen2vl_flux.client.launch import serving_pair
 from qwen2vl_flux.training import evaluate, scenes
-
-NOT_YET = pytest.mark.xfail(strict=True, reason="demo model v1 does not follow prompts or control maps "
-                                               "yet (training/RESULTS.md); needs a longer GPU run")
-
 
 @pytest.fixture(scope="module")
 def client():
@@ -40,14 +35,12 @@ def test_variation_is_nearest_to_its_own_input(client):
     assert result["nearest_own"] >= 16, result
 
 
-@NOT_YET
 def test_prompt_colour_moves_the_shape_colour(client):
     """"green" vs "red" for the first shape: greener with "green" in >= 80 % of 10 cases."""
     result = evaluate.prompt_colour(client, count=10)
     assert result["moved"] >= 8, result
 
 
-@NOT_YET
 def test_inpaint_restores_a_shape_better_than_a_mean_fill(client):
     """Inside the mask nearer the truth than the mean fill in >= 80 % of 10 cases and on
     average; outside, changed by less than half the fill's error inside."""
@@ -56,7 +49,6 @@ def test_inpaint_restores_a_shape_better_than_a_mean_fill(client):
     assert np.mean(result["outside"]) < 0.5 * np.mean(result["inside_fill"]), result
 
 
-@NOT_YET
 def test_controlnet_edges_follow_the_given_edge_map(client):
     """Edge F1 with the ControlNet at least 0.15 above img2img's, and higher in >= 8 of 10."""
     result = evaluate.controlnet(client, count=10)
