@@ -67,17 +67,15 @@ class _StepReporter:
             event.record()
         self.pending.append((step, event, preview))
         while self.pending and (self.pending[0][1] is None or self.pending[0][1].query()):
-            self._report(*self.pending.pop(0))
+            step, _, preview = self.pending.pop(0)
+            self.on_step(step, self.total, preview)
 
     def finish(self) -> None:
-        for item in self.pending:
-            if item[1] is not None:
-                item[1].synchronize()
-            self._report(*item)
+        for step, event, preview in self.pending:
+            if event is not None:
+                event.synchronize()
+            self.on_step(step, self.total, preview)
         self.pending.clear()
-
-    def _report(self, step: int, event, preview) -> None:
-        self.on_step(step, self.total, preview)
 
 
 def shifted_sigmas(steps: int, image_seq_len: int, config) -> np.ndarray:

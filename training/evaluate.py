@@ -159,5 +159,6 @@ def main(argv=None) -> None:
                               ("controlnet", controlnet)):
             print(json.dumps({name: measure(client, steps=args.steps)}), flush=True)
 
+
 if __name__ == "__main__":
     main()
