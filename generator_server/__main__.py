@@ -2,24 +2,41 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+from pathlib import Path
 
-from qwen2vl_flux.serving.server import run
+from qwen2vl_flux.serving.server import log_event, run
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
 
 
+def _step_cache(text: str):
+    from .pipeline import StepCache
+
+    try:
+        return StepCache.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _extra_args(parser):
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the repeated blocks (default: on with CUDA)")
+                        help="torch.compile the repeated blocks and the VAE decoder (default: on with CUDA)")
     parser.add_argument("--attention", default="auto",
                         help="diffusers attention backend; auto = _native_cudnn on CUDA, native on CPU")
-    parser.add_argument("--turbo", action="store_true", help="fp8 transformer weights and activations (torchao)")
-    parser.add_argument("--step-cache", type=float, default=None, metavar="THRESHOLD",
-                        help="first-block cache (skips steps that change little; images change slightly)")
+    parser.add_argument("--turbo", action="store_true",
+                        help="fp8 transformer Linear layers, weights and activations (row-wise scales)")
+    parser.add_argument("--step-cache", type=_step_cache, default=None, metavar="THRESHOLD|fixed:K",
+                        help="reuse the last velocity on some steps (images change): a first-block cache "
+                             "threshold such as 0.08, or fixed:K (first 4 and last 2 steps run, then one in K)")
     parser.add_argument("--warm-up", default=None, metavar="MODES",
                         help="modes run once at 1024x1024 before SERVING (default with --compile: "
                              "variation,img2img,inpaint; 'none' for none)")
+    parser.add_argument("--compile-cache", default=os.environ.get("QWEN2VL_FLUX_COMPILE_CACHE"), metavar="DIR",
+                        help="keep compiled kernels here across restarts (a volume; env QWEN2VL_FLUX_COMPILE_CACHE; "
+                             "default: none)")
 
 
 def _add_servicer(server, host, args):
@@ -29,18 +46,38 @@ def _add_servicer(server, host, args):
 
 
 def _make_model(args, **kwargs):
+    """Weights, speed options, compile cache, warm-up: each phase is a log line with its duration."""
     from qwen2vl_flux.client.modes import Mode
 
-    from .pipeline import FluxGenerator
+    from .compile_cache import CompileCache, cache_fields
+    from .pipeline import FluxGenerator, SpeedOptions
 
+    start = time.perf_counter()
     generator = FluxGenerator(args.checkpoints, random_weights=args.random_weights, **kwargs)
+    generator.startup["weights"] = time.perf_counter() - start
+    log_event("weights loaded", seconds=round(generator.startup["weights"], 2), device=str(generator.device),
+              random_weights=bool(args.random_weights))
     cuda = generator.device.type == "cuda"
     compile_ = cuda if args.compile is None else args.compile
     attention = ("_native_cudnn" if cuda else None) if args.attention == "auto" else args.attention
-    generator.optimize(compile=compile_, attention=attention, turbo=args.turbo, step_cache=args.step_cache)
+    start = time.perf_counter()
+    options = SpeedOptions(compile=compile_, attention=attention, turbo=args.turbo, step_cache=args.step_cache)
+    generator.optimize(options)
+    generator.startup["speed_options"] = time.perf_counter() - start
+    log_event("speed options applied", seconds=round(generator.startup["speed_options"], 2), compile=compile_,
+              attention=attention or "native", turbo=args.turbo, step_cache=str(args.step_cache or "off"))
+    if compile_ and args.compile_cache:
+        generator.compile_cache = CompileCache(Path(args.compile_cache), cache_fields(generator, options))
+        generator.compile_cache.load()
     warm = args.warm_up if args.warm_up is not None else ("variation,img2img,inpaint" if compile_ else "none")
     if warm != "none":
-        generator.warm_up([Mode.parse(m) for m in warm.split(",")])
+        start = time.perf_counter()
+        generator.warm_up([Mode.parse(m) for m in warm.split(",")],
+                          on_phase=lambda name, seconds: log_event(name, seconds=round(seconds, 2)))
+        generator.startup["warm_up"] = time.perf_counter() - start
+        log_event("warm-up done", seconds=round(generator.startup["warm_up"], 2), modes=warm)
+        if generator.compile_cache is not None:
+            generator.compile_cache.save()
     return generator
 
 

@@ -49,6 +49,61 @@ class GenerationJob:
     images: list[Image.Image] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class StepCache:
+    """Steps that reuse the previous step's velocity instead of running the transformer.
+
+    threshold: diffusers' first-block cache (skips decided by the weights, per request).
+    interval: a fixed schedule: the first 4 and last 2 steps run, and in between one step in
+    every `interval` (2 runs 17 of 28 steps, 3 runs 14): the same skips for every request.
+    """
+
+    threshold: float | None = None
+    interval: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "StepCache":
+        kind, _, value = text.partition(":")
+        try:
+            if kind == "fixed" and int(value) >= 2:
+                return cls(interval=int(value))
+            if not value and float(kind) > 0:
+                return cls(threshold=float(kind))
+        except ValueError:
+            pass
+        raise ValueError(f"step cache must be a first-block threshold such as 0.08, or fixed:K with K >= 2 "
+                         f"(one full step in K), not {text!r}")
+
+    def __str__(self) -> str:
+        return f"fixed:{self.interval}" if self.interval else str(self.threshold)
+
+    def skipped(self, total: int) -> frozenset[int]:
+        if not self.interval:
+            return frozenset()
+        head, tail = 4, 2
+        return frozenset(i for i in range(head, total - tail) if (i - head) % self.interval)
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """Every speed option of the generator in one place (flags of qwen2vl-flux-generator).
+
+    compile: torch.compile of the repeated transformer blocks and the VAE decoder, with
+    symbolic shapes. attention: a diffusers attention backend ("_native_cudnn" is the fastest
+    SDPA on Hopper). turbo: fp8 weights and activations for the transformer's Linear layers (generator_server/fp8.py).
+    step_cache: steps that reuse the last velocity (changes images; off by default).
+    """
+
+    compile: bool = False
+    attention: str | None = None
+    turbo: bool = False
+    step_cache: StepCache | None = None
+
+    @property
+    def lossless(self) -> bool:
+        return not self.turbo and self.step_cache is None
+
+
 class _StepReporter:
     """Reports finished steps without stalling the GPU: on CUDA each step records an
     event, and a step is reported once its event has completed (polled, never waited
@@ -121,6 +176,9 @@ class FluxGenerator:
             vae_scale_factor=self.vae_scale_factor * 2, vae_latent_channels=self.vae.config.latent_channels,
             do_normalize=False, do_binarize=True, do_convert_grayscale=True)
         self._controlnet = None
+        self.speed = SpeedOptions()
+        self.compile_cache = None          # compile_cache.CompileCache with --compile-cache
+        self.startup: dict[str, float] = {}   # seconds of each start-up phase (GetInfo)
 
         config = self.transformer.config
         if random_weights:
@@ -135,64 +193,55 @@ class FluxGenerator:
 
     # ------------------------------------------------------------ speed
 
-    def optimize(self, compile: bool = False, attention: str | None = None, turbo: bool = False,
-                 step_cache: float | None = None) -> None:
-        """Speed options, applied once after loading (and to the ControlNet when it loads).
+    def optimize(self, options: "SpeedOptions | None" = None) -> None:
+        """Apply the speed options once after loading (and to the ControlNet when it loads)."""
+        self.speed = options = options or SpeedOptions()
+        if options.attention:
+            self.transformer.set_attention_backend(options.attention)
+        if options.turbo:
+            from .fp8 import quantize_linears
 
-        attention: a diffusers attention backend ("_native_cudnn" is the fastest SDPA on Hopper).
-        turbo: fp8 weights and activations for the transformer's Linear layers (torchao, row-wise
-        scales), except the norms' modulation, the top-level proj_out and x_embedder.
-        step_cache: first-block cache threshold (changes images slightly; off by default).
-        compile: torch.compile of the repeated blocks (regional compilation).
-        """
-        self._speed = dict(compile=compile, attention=attention)
-        if attention:
-            self.transformer.set_attention_backend(attention)
-        if turbo:
-            self._fp8(self.transformer)
-        if step_cache:
+            quantize_linears(self.transformer)
+        if options.step_cache is not None and options.step_cache.threshold:
             from diffusers import FirstBlockCacheConfig
 
-            self.transformer.enable_cache(FirstBlockCacheConfig(threshold=step_cache))
-        if compile:
-            self.transformer.compile_repeated_blocks(fullgraph=True)
-
-    @staticmethod
-    def _fp8(transformer) -> None:
-        try:
-            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-        except ImportError as e:
-            raise RuntimeError("--turbo needs torchao (pip install torchao)") from e
-
-        def quantized(module, name: str) -> bool:
-            parts = name.split(".")
-            keep_precise = name in ("proj_out", "x_embedder") or any(p.startswith("norm") for p in parts)
-            return isinstance(module, torch.nn.Linear) and not keep_precise
-
-        quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=quantized)
+            self.transformer.enable_cache(FirstBlockCacheConfig(threshold=options.step_cache.threshold))
+        if options.compile:
+            # Symbolic token counts from the first compile: every size and text length
+            # shares one graph per block class, so a new shape never recompiles.
+            self.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+            self.vae.decoder = torch.compile(self.vae.decoder, fullgraph=True, dynamic=True)
 
     def _optimize_controlnet(self, controlnet) -> None:
-        speed = getattr(self, "_speed", {})
-        if speed.get("attention"):
-            controlnet.set_attention_backend(speed["attention"])
-        if speed.get("compile"):
+        options = self.speed
+        if options.attention:
+            controlnet.set_attention_backend(options.attention)
+        if options.compile:
             for block in list(controlnet.transformer_blocks) + list(controlnet.single_transformer_blocks):
-                block.compile(fullgraph=True)
+                block.compile(fullgraph=True, dynamic=True)
 
-    def warm_up(self, modes: list[Mode], size: int = 1024) -> None:
-        """Run each mode once at size x size so compilation happens before health says
-        SERVING. Two text lengths, so torch.compile settles on a dynamic text dimension."""
+    def warm_up(self, modes: list[Mode], size: int = 1024, on_phase: Callable[..., None] | None = None) -> None:
+        """Run each mode once (two steps) so compilation happens before health says SERVING:
+        at `size` x `size` with batch 1 and 2 (torch specialises size 1), then a variation of
+        another shape, after which the symbolic shapes cover every size. `on_phase(name,
+        seconds)` reports each run."""
         cfg, device, dtype = self.fingerprint, self.device, self.dtype
         picture = Image.new("RGB", (size, size), (128, 96, 64))
-        for length in (512, 520):
-            cond = Conditioning({"a": torch.randn(1, length, cfg.joint_attention_dim, device=device, dtype=dtype)},
-                                None, torch.randn(1, cfg.pooled_dim, device=device, dtype=dtype))
-            for mode in modes:
-                params, _ = resolve_parameters(mode, {"seed": 0, "steps": 2, "width": size, "height": size}
-                                               if mode is Mode.VARIATION else {"seed": 0, "steps": 2})
-                job = GenerationJob(mode, params, cond, init_image=picture, mask=picture.convert("L"),
-                                    control_maps={"depth": picture, "line": picture})
-                self.generate(job)
+        cond = Conditioning({"a": torch.randn(1, 512, cfg.joint_attention_dim, device=device, dtype=dtype)},
+                            None, torch.randn(1, cfg.pooled_dim, device=device, dtype=dtype))
+        other = (size * 3 // 4 // 16 * 16, size * 21 // 16 // 16 * 16)
+        runs = [(mode, count, (size, size)) for count in (1, 2) for mode in modes] + [(Mode.VARIATION, 1, other)]
+        for mode, count, (width, height) in runs:
+            given = {"seed": 0, "steps": 2, "image_count": count}
+            if mode is Mode.VARIATION:
+                given.update(width=width, height=height)
+            params, _ = resolve_parameters(mode, given)
+            job = GenerationJob(mode, params, cond, init_image=picture, mask=picture.convert("L"),
+                                control_maps={"depth": picture, "line": picture})
+            start = time.perf_counter()
+            self.generate(job)
+            if on_phase is not None:
+                on_phase(f"warm-up {mode.value} {width}x{height} x{count}", time.perf_counter() - start)
 
     @property
     def controlnet(self):
@@ -363,30 +412,21 @@ class FluxGenerator:
                 latent_size: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """The one denoise core: Euler steps of the flow-matching scheduler, with the
         ControlNet residuals of each control map summed in, and the inpaint blend
-        (keep the noised init image outside the mask) after each step."""
+        (keep the noised init image outside the mask) after each step. Steps in the
+        fixed step cache's schedule reuse the previous velocity."""
         total = len(timesteps)
         progress = _StepReporter(on_step, total, latents.is_cuda)
         if self.transformer.is_cache_enabled:
             self.transformer._reset_stateful_cache()   # the step cache must not leak across requests
+        reuse = self.speed.step_cache.skipped(total) if self.speed.step_cache else frozenset()
+        noise_pred = None
         for i, t in enumerate(timesteps):
             if cancelled():
                 raise Cancelled(f"stopped before step {i + 1} of {total}")
-            timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-            blocks = singles = None
-            for cond, union_mode, scale in controls:
-                mode = torch.full((latents.shape[0], 1), union_mode, device=self.device, dtype=torch.long)
-                b, s = self.controlnet(
-                    hidden_states=latents, controlnet_cond=cond, controlnet_mode=mode, conditioning_scale=scale,
-                    timestep=timestep, guidance=guidance, pooled_projections=pooled,
-                    encoder_hidden_states=control_embeds, txt_ids=text_ids, img_ids=image_ids, return_dict=False)
-                blocks = b if blocks is None else [x + y for x, y in zip(blocks, b)]
-                singles = s if singles is None else [x + y for x, y in zip(singles, s)]
-            with self.transformer.cache_context("cond"):   # a no-op unless --step-cache is on
-                noise_pred = self.transformer(
-                    hidden_states=latents, timestep=timestep, guidance=guidance, pooled_projections=pooled,
-                    encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
-                    controlnet_block_samples=blocks, controlnet_single_block_samples=singles, return_dict=False,
-                )[0]
+            if noise_pred is None or i not in reuse:
+                noise_pred = self._velocity(latents, t, prompt_embeds=prompt_embeds, text_ids=text_ids,
+                                            pooled=pooled, image_ids=image_ids, guidance=guidance,
+                                            controls=controls, control_embeds=control_embeds)
             preview = None
             if preview_every and (i + 1) % preview_every == 0:
                 # The clean image the model predicts now: x0 = x_t - sigma * v (flow matching).
@@ -402,6 +442,26 @@ class FluxGenerator:
             progress.step_launched(i + 1, preview)
         progress.finish()
         return latents
+
+    def _velocity(self, latents, t, *, prompt_embeds, text_ids, pooled, image_ids, guidance, controls,
+                  control_embeds) -> torch.Tensor:
+        """One transformer call at timestep t, with the ControlNet residuals of every map summed in."""
+        timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+        blocks = singles = None
+        for cond, union_mode, scale in controls:
+            mode = torch.full((latents.shape[0], 1), union_mode, device=self.device, dtype=torch.long)
+            b, s = self.controlnet(
+                hidden_states=latents, controlnet_cond=cond, controlnet_mode=mode, conditioning_scale=scale,
+                timestep=timestep, guidance=guidance, pooled_projections=pooled,
+                encoder_hidden_states=control_embeds, txt_ids=text_ids, img_ids=image_ids, return_dict=False)
+            blocks = b if blocks is None else [x + y for x, y in zip(blocks, b)]
+            singles = s if singles is None else [x + y for x, y in zip(singles, s)]
+        with self.transformer.cache_context("cond"):   # a no-op unless the first-block cache is on
+            return self.transformer(
+                hidden_states=latents, timestep=timestep, guidance=guidance, pooled_projections=pooled,
+                encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
+                controlnet_block_samples=blocks, controlnet_single_block_samples=singles, return_dict=False,
+            )[0]
 
     def _preview(self, latents: torch.Tensor, latent_h: int, latent_w: int) -> Image.Image:
         """A quarter-size preview of the first image: latents pooled 4x, then the VAE."""

@@ -235,4 +235,13 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         model = self.host.require()
         return server_info("generator", model, self.args, modes=[m.value for m in Mode],
                            limits={"max_image_count": MAX_IMAGE_COUNT, "max_steps": MAX_STEPS},
-                           components=["flux-transformer", "vae", "scheduler", "controlnet (on first use)"])
+                           components=["flux-transformer", "vae", "scheduler", "controlnet (on first use)"],
+                           startup=startup_info(model))
+
+
+def startup_info(model: FluxGenerator) -> pb.Startup:
+    cache, speed = model.compile_cache, model.speed
+    return pb.Startup(compile_cache=cache.status if cache else "off", compile_cache_detail=cache.detail if cache else "",
+                      phase_seconds=dict(model.startup, **{f"compile_cache_{k}": v for k, v in
+                                                           (cache.timings if cache else {}).items()}),
+                      compiled=speed.compile, turbo=speed.turbo, step_cache=str(speed.step_cache or ""))

@@ -35,7 +35,8 @@ def shrunk(monkeypatch):
 
 def test_random_full_size_path_runs_every_piece(shrunk, tiny_checkpoints):
     from qwen2vl_flux.encoder_server.model import Qwen2VLFluxEncoder
-    from qwen2vl_flux.generator_server.pipeline import Conditioning, FluxGenerator, GenerationJob
+    from qwen2vl_flux.generator_server.pipeline import (Conditioning, FluxGenerator, GenerationJob, SpeedOptions,
+                                                        StepCache)
 
     encoder = Qwen2VLFluxEncoder(tiny_checkpoints, random_weights="full")
     generator = FluxGenerator(tiny_checkpoints, random_weights="full")
@@ -43,7 +44,7 @@ def test_random_full_size_path_runs_every_piece(shrunk, tiny_checkpoints):
     assert encoder.fingerprint.checkpoint_id == full_size.CHECKPOINT_ID
     assert all(p.dtype == torch.float32 for p in generator.transformer.parameters())
 
-    generator.optimize(compile=False, step_cache=0.05)
+    generator.optimize(SpeedOptions(step_cache=StepCache(threshold=0.05)))
     generator.warm_up([Mode.VARIATION, Mode.CONTROLNET], size=32)
     picture = Image.new("RGB", (64, 48), (200, 30, 30))
     encodings, prompt = encoder.encode_parts([("a", picture, None)], "a red circle", 256 * 28 * 28)

@@ -32,13 +32,13 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _start(tiny_checkpoints, layout: dict[str, str]):
+def _start(tiny_checkpoints, layout: dict[str, str], generator_flags: tuple[str, ...] = ()):
     servers = {}
     for role, device in layout.items():
         port = _port()
         extra = ["--random-weights", "full", "--device", device, "--metrics-port", str(port)]
         if role == "generator":
-            extra += ["--no-compile", "--warm-up", "none"]
+            extra += ["--no-compile", "--warm-up", "none", *generator_flags]
         servers[role] = (ServerProcess(role, tiny_checkpoints, *extra), port)
     for server, _ in servers.values():
         server.start()
@@ -104,12 +104,14 @@ def test_two_gpus_every_mode_each_process_on_its_own_gpu(tiny_checkpoints):
     print("\nPEAK", json.dumps(PEAKS))
 
 
-def test_one_gpu_both_halves(tiny_checkpoints):
-    servers = _start(tiny_checkpoints, {"encoder": "cuda:0", "generator": "cuda:0"})
+@pytest.mark.parametrize("flags", [(), ("--turbo", "--step-cache", "fixed:2")], ids=["lossless", "turbo"])
+def test_one_gpu_both_halves(tiny_checkpoints, flags):
+    servers = _start(tiny_checkpoints, {"encoder": "cuda:0", "generator": "cuda:0"}, flags)
     try:
         client = Client(servers["encoder"][0].address, servers["generator"][0].address, timeout=600)
         _run_every_mode(client)
-        PEAKS["one GPU"] = {role: _memory(port) for role, (_, port) in servers.items()}
+        assert client.info()["generator"].startup.turbo == bool(flags)
+        PEAKS["one GPU" + (" turbo" if flags else "")] = {role: _memory(port) for role, (_, port) in servers.items()}
     finally:
         for server, _ in servers.values():
             server.stop()

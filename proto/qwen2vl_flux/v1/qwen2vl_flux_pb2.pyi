@@ -175,7 +175,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("role", "fingerprint", "dtype", "device", "limits", "versions", "components", "modes", "checkpoints", "line_detectors")
+    __slots__ = ("role", "fingerprint", "dtype", "device", "limits", "versions", "components", "modes", "checkpoints", "line_detectors", "startup")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +186,7 @@ class ServerInfo(_message.Message):
     MODES_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     LINE_DETECTORS_FIELD_NUMBER: _ClassVar[int]
+    STARTUP_FIELD_NUMBER: _ClassVar[int]
     role: str
     fingerprint: ModelFingerprint
     dtype: str
@@ -196,7 +197,31 @@ class ServerInfo(_message.Message):
     modes: _containers.RepeatedScalarFieldContainer[str]
     checkpoints: str
     line_detectors: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, role: _Optional[str] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., versions: _Optional[_Union[Versions, _Mapping]] = ..., components: _Optional[_Iterable[str]] = ..., modes: _Optional[_Iterable[str]] = ..., checkpoints: _Optional[str] = ..., line_detectors: _Optional[_Iterable[str]] = ...) -> None: ...
+    startup: Startup
+    def __init__(self, role: _Optional[str] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., versions: _Optional[_Union[Versions, _Mapping]] = ..., components: _Optional[_Iterable[str]] = ..., modes: _Optional[_Iterable[str]] = ..., checkpoints: _Optional[str] = ..., line_detectors: _Optional[_Iterable[str]] = ..., startup: _Optional[_Union[Startup, _Mapping]] = ...) -> None: ...
+
+class Startup(_message.Message):
+    __slots__ = ("compile_cache", "compile_cache_detail", "phase_seconds", "compiled", "turbo", "step_cache")
+    class PhaseSecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    COMPILE_CACHE_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_CACHE_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COMPILED_FIELD_NUMBER: _ClassVar[int]
+    TURBO_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_FIELD_NUMBER: _ClassVar[int]
+    compile_cache: str
+    compile_cache_detail: str
+    phase_seconds: _containers.ScalarMap[str, float]
+    compiled: bool
+    turbo: bool
+    step_cache: str
+    def __init__(self, compile_cache: _Optional[str] = ..., compile_cache_detail: _Optional[str] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., compiled: bool = ..., turbo: bool = ..., step_cache: _Optional[str] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("request_id", "images", "prompt", "pixel_budget", "pad_to")

@@ -1,0 +1,133 @@
+"""The generator's speed options on the CPU: the fixed step cache's schedule, fp8 Linear
+layers, and a compile cache that is missing, foreign or corrupt (ignored, never fatal).
+Their speed is measured in bench/, on the GPU."""
+from __future__ import annotations
+
+import json
+import logging
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from qwen2vl_flux.client.launch import ServerProcess
+from qwen2vl_flux.client.modes import Mode, resolve_parameters
+from qwen2vl_flux.generator_server.compile_cache import ARTIFACTS, MANIFEST, CompileCache, cache_fields
+from qwen2vl_flux.generator_server.fp8 import Fp8Linear, quantize_linears
+from qwen2vl_flux.generator_server.pipeline import (Conditioning, FluxGenerator, GenerationJob, SpeedOptions,
+                                                    StepCache)
+from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
+from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_checkpoints):
+    return FluxGenerator(tiny_checkpoints)
+
+
+def _variation(generator: FluxGenerator, steps: int = 10) -> np.ndarray:
+    cfg = generator.fingerprint
+    torch.manual_seed(0)
+    cond = Conditioning({"a": torch.randn(1, 40, cfg.joint_attention_dim)}, None, torch.randn(1, cfg.pooled_dim))
+    params, _ = resolve_parameters(Mode.VARIATION, {"seed": 3, "steps": steps, "width": 64, "height": 48})
+    return np.asarray(generator.generate(GenerationJob(Mode.VARIATION, params, cond))[0], dtype=np.int16)
+
+
+def test_fixed_schedule_runs_the_first_four_and_last_two_steps_and_one_in_k_between():
+    skipped = StepCache.parse("fixed:2").skipped(28)
+    assert len(skipped) == 11 and not skipped & {0, 1, 2, 3, 4, 26, 27}
+    assert 28 - len(StepCache.parse("fixed:3").skipped(28)) == 14
+    assert StepCache.parse("0.08") == StepCache(threshold=0.08) and str(StepCache.parse("fixed:3")) == "fixed:3"
+    for bad in ("fixed:1", "fixed:x", "0", "fast"):
+        with pytest.raises(ValueError, match="fixed:K"):
+            StepCache.parse(bad)
+
+
+def test_fixed_step_cache_skips_transformer_calls_and_keeps_the_image_close(generator):
+    calls = []
+    hook = generator.transformer.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        lossless = _variation(generator)
+        assert len(calls) == 10
+        calls.clear()
+        generator.speed = SpeedOptions(step_cache=StepCache(interval=2))
+        cached = _variation(generator)
+    finally:
+        generator.speed = SpeedOptions()
+        hook.remove()
+    assert len(calls) == 10 - len(StepCache(interval=2).skipped(10)) == 8
+    assert cached.shape == lossless.shape and (cached != lossless).any()
+    assert np.abs(cached - lossless).mean() < 40   # the same picture, not another one
+
+
+def test_fp8_linear_matches_the_full_precision_layer_within_fp8_error():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96)
+    x = torch.randn(2, 33, 256)
+    for granularity in ("row", "tensor"):
+        out, ref = Fp8Linear(linear, granularity)(x), linear(x)
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        assert ((out - ref).norm() / ref.norm()).item() < 0.06
+
+
+def test_turbo_quantizes_the_transformer_except_what_stays_precise(tiny_checkpoints):
+    turbo = FluxGenerator(tiny_checkpoints)
+    lossless = _variation(turbo)
+    turbo.optimize(SpeedOptions(turbo=True))
+    kinds = {name: type(module).__name__ for name, module in turbo.transformer.named_modules()
+             if isinstance(module, (torch.nn.Linear, Fp8Linear))}
+    assert kinds["x_embedder"] == kinds["proj_out"] == "Linear"
+    assert all(kind == "Linear" for name, kind in kinds.items() if ".norm" in name or name.startswith("norm"))
+    assert kinds["transformer_blocks.0.attn.to_q"] == kinds["single_transformer_blocks.0.proj_mlp"] == "Fp8Linear"
+    assert quantize_linears(torch.nn.Sequential(torch.nn.Linear(16, 16))) == 1
+    image = _variation(turbo)
+    assert image.shape == lossless.shape and np.abs(image - lossless).mean() < 20
+
+
+def _fields(generator) -> dict:
+    return cache_fields(generator, SpeedOptions(compile=True))
+
+
+def test_compile_cache_miss_foreign_and_corrupt_entries_are_ignored_with_a_log_line(generator, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="qwen2vl_flux")
+    cache = CompileCache(tmp_path, _fields(generator))
+    assert cache.load() is False and cache.status == "miss"
+
+    cache.entry.mkdir(parents=True)
+    (cache.entry / ARTIFACTS).write_bytes(b"not torch artifacts")
+    foreign = dict(_fields(generator), torch="0.0.1")
+    (cache.entry / MANIFEST).write_text(json.dumps({"fields": foreign, "sha256": "0"}))
+    assert cache.load() is False and cache.status == "ignored" and "another configuration" in cache.detail
+
+    (cache.entry / MANIFEST).write_text("{truncated")
+    assert cache.load() is False and cache.status == "ignored" and "JSONDecodeError" in cache.detail
+    assert sum("compile cache ignored" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_generator_starts_and_serves_with_a_corrupt_compile_cache(tiny_checkpoints, generator, tmp_path):
+    cache = CompileCache(tmp_path / "cache", _fields(generator))
+    cache.entry.mkdir(parents=True)
+    (cache.entry / ARTIFACTS).write_bytes(b"\x00garbage")
+    (cache.entry / MANIFEST).write_text(json.dumps({"fields": cache.fields, "sha256": "feed"}))
+    server = ServerProcess("generator", tiny_checkpoints, "--compile", "--warm-up", "none",
+                           "--compile-cache", str(tmp_path / "cache"))
+    try:
+        server.start().wait_serving(timeout=180)
+        with grpc.insecure_channel(server.address) as channel:
+            startup = pb_grpc.GeneratorStub(channel).GetInfo(pb.GetInfoRequest(), timeout=60).startup
+        assert startup.compile_cache == "ignored" and "checksum" in startup.compile_cache_detail
+        assert startup.compiled and startup.phase_seconds["weights"] > 0
+    finally:
+        server.stop()
+    lines = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
+    ignored = [line for line in lines if line["msg"] == "compile cache ignored"]
+    assert ignored and cache.key == ignored[0]["key"] and "checksum" in ignored[0]["reason"]
+    assert any(line["msg"] == "weights loaded" and line["seconds"] > 0 for line in lines)
+
+
+def test_generator_refuses_a_malformed_step_cache_flag(tiny_checkpoints):
+    server = ServerProcess("generator", tiny_checkpoints, "--step-cache", "fixed:1")
+    server.start()
+    assert server.process.wait(timeout=120) == 2
+    assert "fixed:K with K >= 2" in server.log_path.read_text()
