@@ -1,9 +1,11 @@
-"""Row (a) of the benchmark: stock transformers + diffusers in one process on one GPU.
+"""Rows (a), (a_compile), (a_fp8) of the benchmark: stock transformers + diffusers in one
+process on one GPU.
 
 What a user of the original scripts runs: Qwen2-VL, T5 and CLIP encode, then stock
-FluxPipeline (eager, default attention) denoises and decodes, then the PNG is written.
-Full-size architectures with random weights (the same builders the servers use), bf16.
-Prints one JSON line.
+FluxPipeline (default attention) denoises and decodes, then the PNG is written. --variant
+compile adds `compile_repeated_blocks`; fp8 also quantises the transformer with torchao
+(fp8 dynamic activations and weights, row-wise), the maintained stock route. Full-size
+architectures with random weights (the same builders the servers use), bf16. Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ def main() -> None:
     parser.add_argument("--checkpoints", required=True, help="tokenizers and configs (the tiny preset)")
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--variant", choices=["eager", "compile", "fp8"], default="eager")
+    parser.add_argument("--sample", help="write the image of --sample-seed here")
+    parser.add_argument("--sample-seed", type=int, default=7)
     args = parser.parse_args()
 
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
@@ -53,6 +58,15 @@ def main() -> None:
     pipe = FluxPipeline(scheduler=scheduler, vae=full_size.flux_vae(device, dtype), text_encoder=None,
                         tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
+    if args.variant == "fp8":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        from qwen2vl_flux.generator_server.fp8 import keeps_precision
+
+        quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+                  filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) and not keeps_precision(name))
+    if args.variant in ("compile", "fp8"):
+        transformer.compile_repeated_blocks(fullgraph=True)
     build_seconds = time.perf_counter() - start
     template = tokenizer.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}],
@@ -60,7 +74,7 @@ def main() -> None:
     picture = Image.new("RGB", (1024, 768), (90, 140, 200))
 
     @torch.inference_mode()
-    def request(seed: int) -> dict:
+    def request(seed: int, sample: str | None = None) -> dict:
         torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         budget = 256 * 28 * 28
@@ -89,13 +103,18 @@ def main() -> None:
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         t3 = time.perf_counter()
+        if sample:
+            image.save(sample, compress_level=1)
         return {"total": t3 - t0, "encode": t1 - t0, "pipeline": t2 - t1, "png": t3 - t2}
 
     first = request(0)
     runs = [request(i + 1) for i in range(args.runs)]
     median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    print(json.dumps({"row": "a", "first": first["total"], "median": median, "build_seconds": build_seconds,
-                      "peak_gpu_bytes": torch.cuda.max_memory_allocated(device)}))
+    if args.sample:
+        request(args.sample_seed, args.sample)
+    row = {"eager": "a", "compile": "a_compile", "fp8": "a_fp8"}[args.variant]
+    print(json.dumps({"row": row, "first": first["total"], "warm_up_seconds": first["total"], "median": median,
+                      "build_seconds": build_seconds, "peak_gpu_bytes": torch.cuda.max_memory_allocated(device)}))
 
 
 if __name__ == "__main__":

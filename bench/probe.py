@@ -1,0 +1,272 @@
+"""Per-step probe of the generator's speed options on one GPU, full-size random weights.
+
+  python bench/probe.py --out DIR [--sections peak,attention,step,vae,png] [--budget 540]
+
+Times one FLUX.1-dev transformer call at 1024x1024 (4096 image + 768 text tokens) for each
+option (eager, regional compile, fused QKV, Inductor flags, fp8 row/tensor-wise), with its
+compile time and dynamo recompiles, then the VAE decode and image encoding per format.
+Each result is appended to DIR/probe.jsonl at once, so a run cut short keeps what it measured.
+Sections past --budget seconds are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from qwen2vl_flux.checkpoints import full_size
+
+START = time.perf_counter()
+
+
+def emit(out: Path, **row) -> None:
+    row["at_s"] = round(time.perf_counter() - START, 1)
+    with (out / "probe.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def timed(fn, runs: int = 5, warm: int = 2) -> float:
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        begin = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def peak(out: Path) -> None:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * 8192 ** 3
+    emit(out, section="peak", kind="bf16_matmul_tflops", value=flops / timed(lambda: a @ b, 10, 3) / 1e12)
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
+    one = torch.tensor(1.0, device="cuda")
+    emit(out, section="peak", kind="fp8_tensorwise_tflops",
+         value=flops / timed(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+                             10, 3) / 1e12)
+    ra, rb = torch.ones(8192, 1, device="cuda"), torch.ones(1, 8192, device="cuda")
+    emit(out, section="peak", kind="fp8_rowwise_tflops",
+         value=flops / timed(lambda: torch._scaled_mm(a8, b8, scale_a=ra, scale_b=rb, out_dtype=torch.bfloat16),
+                             10, 3) / 1e12)
+
+
+def attention(out: Path) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(1, 24, 4864, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flops = 4 * 4864 * 4864 * 128 * 24
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        with sdpa_kernel(backend):
+            s = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), 20, 3)
+        emit(out, section="attention", kind=name, seconds=s, tflops=flops / s / 1e12)
+    try:
+        from sageattention import sageattn
+
+        s = timed(lambda: sageattn(q, k, v, tensor_layout="HND", is_causal=False), 20, 3)
+        emit(out, section="attention", kind="sage", seconds=s, tflops=flops / s / 1e12)
+    except Exception as e:  # noqa: BLE001
+        emit(out, section="attention", kind="sage", error=f"{type(e).__name__}: {e}"[:300])
+
+
+def transformer_inputs(text: int = 768, side: int = 1024):
+    n = (side // 16) ** 2
+    dev, dt = "cuda", torch.bfloat16
+    from diffusers import FluxPipeline
+
+    return dict(hidden_states=torch.randn(1, n, 64, device=dev, dtype=dt),
+                encoder_hidden_states=torch.randn(1, text, 3072, device=dev, dtype=dt),
+                pooled_projections=torch.randn(1, 768, device=dev, dtype=dt),
+                timestep=torch.full([1], 0.5, device=dev, dtype=dt), guidance=torch.full([1], 3.5, device=dev),
+                txt_ids=torch.zeros(text, 3, device=dev, dtype=dt),
+                img_ids=FluxPipeline._prepare_latent_image_ids(1, side // 16, side // 16, dev, dt),
+                return_dict=False)
+
+
+def step_flops(model, tokens: int, text: int) -> float:
+    """Matmul FLOPs of one call: 2 * params * rows for every Linear (modulation rows = 1) plus attention."""
+    total = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            rows = 1 if ("norm" in name or "time_text_embed" in name) else tokens
+            if name.endswith("context_embedder"):
+                rows = text
+            total += 2 * m.in_features * m.out_features * rows
+    heads, dim = model.config.num_attention_heads, model.config.attention_head_dim
+    layers = model.config.num_layers + model.config.num_single_layers
+    return total + layers * 4 * tokens * tokens * heads * dim
+
+
+def step(out: Path, deadline: float, variants: list[str]) -> None:
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    from qwen2vl_flux.generator_server.fp8 import quantize_linears
+
+    begin = time.perf_counter()
+    model = full_size.flux_transformer("cuda", torch.bfloat16)
+    model.context_embedder = torch.nn.Identity()
+    model.set_attention_backend("_native_cudnn")
+    emit(out, section="step", kind="build", seconds=time.perf_counter() - begin)
+    inputs = transformer_inputs()
+    flops = step_flops(model, 4096 + 768, 768)
+    emit(out, section="step", kind="flops", tflop=flops / 1e12)
+    compiled = False
+    for variant in variants:
+        if time.perf_counter() - START > deadline:
+            emit(out, section="step", kind=variant, skipped="budget")
+            continue
+        try:
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            if compiled:   # undo the previous variant's compile wrappers
+                for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
+                    block._compiled_call_impl = None
+            if variant == "fused_qkv":
+                model.fuse_qkv_projections()
+            if variant == "flags":
+                inductor.conv_1x1_as_mm = True
+                inductor.epilogue_fusion = False
+                inductor.coordinate_descent_tuning = True
+                inductor.coordinate_descent_check_all_directions = True
+            if variant.startswith("fp8_"):
+                quantize_linears(model, variant.removeprefix("fp8_"))
+            if variant != "eager":
+                model.compile_repeated_blocks(fullgraph=True)
+                compiled = True
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                model(**inputs)
+                torch.cuda.synchronize()
+                compile_s = time.perf_counter() - t0
+                s = timed(lambda: model(**inputs), 5, 1)
+                other = transformer_inputs(text=520 + 256, side=1024)
+                t0 = time.perf_counter()
+                model(**other)
+                torch.cuda.synchronize()
+                second_text = time.perf_counter() - t0
+                wide = transformer_inputs(text=768, side=1344 // 16 * 16)
+                t0 = time.perf_counter()
+                model(**wide)
+                torch.cuda.synchronize()
+                new_size = time.perf_counter() - t0
+            emit(out, section="step", kind=variant, seconds=s, mfu=flops / s / 790e12, first_call=compile_s,
+                 other_text_first=second_text, other_size_first=new_size,
+                 recompiles=dict(torch._dynamo.utils.counters.get("recompiles", {})) or None,
+                 frames=dict(torch._dynamo.utils.counters["stats"]))
+        except Exception as e:  # noqa: BLE001
+            emit(out, section="step", kind=variant, error=f"{type(e).__name__}: {e}"[:500])
+            if variant.startswith("fp8_"):
+                break
+
+
+def vae(out: Path) -> None:
+    model = full_size.flux_vae("cuda", torch.bfloat16)
+    latents = torch.randn(1, 16, 128, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        emit(out, section="vae", kind="eager", seconds=timed(lambda: model.decode(latents, return_dict=False), 5, 2))
+        model = model.to(memory_format=torch.channels_last)
+        emit(out, section="vae", kind="channels_last",
+             seconds=timed(lambda: model.decode(latents, return_dict=False), 5, 2))
+        model.decoder = torch.compile(model.decoder, fullgraph=True)
+        t0 = time.perf_counter()
+        model.decode(latents, return_dict=False)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        emit(out, section="vae", kind="compiled_channels_last", first_call=first,
+             seconds=timed(lambda: model.decode(latents, return_dict=False), 5, 2))
+
+
+def png(out: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from qwen2vl_flux.client.cli import DEMO_INPUT
+
+    # A picture, not the noise random weights paint: the demo scene upscaled, plus sensor-like noise.
+    smooth = np.asarray(Image.open(DEMO_INPUT).convert("RGB").resize((1024, 1024), Image.LANCZOS), dtype=np.float32)
+    noisy = smooth + np.random.default_rng(0).normal(0, 2.0, smooth.shape)
+    picture = Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+    for fmt, kwargs in (("PNG", {"compress_level": 1}), ("PNG", {"compress_level": 6}), ("WEBP", {"quality": 90}),
+                        ("WEBP", {"lossless": True, "method": 0}), ("JPEG", {"quality": 92})):
+        def save():
+            buf = io.BytesIO()
+            picture.save(buf, format=fmt, **kwargs)
+            return buf.tell()
+
+        size = save()
+        begin = time.perf_counter()
+        for _ in range(5):
+            save()
+        emit(out, section="image_encode", kind=f"{fmt} {kwargs}", seconds=(time.perf_counter() - begin) / 5,
+             bytes=size)
+    begin = time.perf_counter()
+    for _ in range(5):
+        picture.tobytes()
+    emit(out, section="image_encode", kind="raw RGB", seconds=(time.perf_counter() - begin) / 5,
+         bytes=len(picture.tobytes()))
+
+
+def torchao_fp8(out: Path) -> None:
+    """Why torchao's fp8 start-up takes minutes: compile time and graphs of its subclass weights."""
+    import torch._dynamo
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    from qwen2vl_flux.generator_server.fp8 import keeps_precision
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = full_size.flux_transformer("cuda", torch.bfloat16)
+    model.context_embedder = torch.nn.Identity()
+    model.set_attention_backend("_native_cudnn")
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and not keeps_precision(name))
+    model.compile_repeated_blocks(fullgraph=True)
+    inputs = transformer_inputs()
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model(**inputs)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        s = timed(lambda: model(**inputs), 3, 1)
+    emit(out, section="torchao", kind="fp8_row", seconds=s, first_call=first,
+         frames=dict(torch._dynamo.utils.counters["stats"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--sections", default="peak,attention,png,vae,step,torchao")
+    parser.add_argument("--variants", default="eager,regional,fused_qkv,fp8_tensor,fp8_row,flags")
+    parser.add_argument("--budget", type=float, default=540)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    emit(out, section="env", gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
+    for section in args.sections.split(","):
+        if time.perf_counter() - START > args.budget:
+            emit(out, section=section, skipped="budget")
+            continue
+        try:
+            if section == "step":
+                step(out, args.budget, args.variants.split(","))
+            else:
+                {"peak": peak, "attention": attention, "vae": vae, "png": png, "torchao": torchao_fp8}[section](out)
+        except Exception as e:  # noqa: BLE001
+            emit(out, section=section, error=f"{type(e).__name__}: {e}"[:500])
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
