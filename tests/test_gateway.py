@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +46,7 @@ def pixels(data: bytes) -> np.ndarray:
 class Gateway:
     """`qwen2vl-flux-gateway` on a free loopback port, its JSON log in a file."""
 
-    def __init__(self, encoder: str, generator: str, *args: str):
+    def __init__(self, encoder: str, generator: str, *args: str, scheme: str = "http", verify=True):
         self.dir = Path(tempfile.mkdtemp(prefix="qwen2vl-flux-gateway-"))
         self.log_path = self.dir / "gateway.log"
         port_file = self.dir / "port"
@@ -61,10 +60,10 @@ class Gateway:
             assert self.process.poll() is None, self.log_path.read_text()
             assert time.monotonic() < deadline, "the gateway did not bind"
             time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{port_file.read_text()}"
+        self.url = f"{scheme}://127.0.0.1:{port_file.read_text()}"
         while True:
             try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/healthz", timeout=2, verify=verify).status_code == 200:
                     break
             except httpx.TransportError:
                 assert time.monotonic() < deadline, self.log_path.read_text()
@@ -210,6 +209,13 @@ def test_async_client_gives_the_sync_clients_images(servers, client):
     assert asyncio.run(run()).data == client.variation(IMAGE, width=64, height=64, **FAST).data
 
 
+def test_the_gateway_imports_no_torch():
+    """It holds no model: its image installs the [gateway] extra only."""
+    code = ("import sys, qwen2vl_flux.gateway.__main__; "
+            "print(sorted(m for m in ('torch', 'transformers', 'diffusers', 'numpy') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
 # ------------------------------------------------------------------ errors, as the SDK raises them
 
 def test_bad_requests_are_400s_naming_the_field(gateway):
@@ -322,6 +328,21 @@ def test_health_readiness_metrics_and_cors(gateway):
     assert "access-control-allow-origin" not in other.headers
 
 
+def test_https_with_its_own_certificate(servers, tmp_path):
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out",
+                    "cert.pem", "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, cwd=tmp_path)
+    gw = Gateway(servers["encoder"].address, servers["generator"].address, "--https-cert", str(tmp_path / "cert.pem"),
+                 "--https-key", str(tmp_path / "key.pem"), scheme="https", verify=str(tmp_path / "cert.pem"))
+    try:
+        assert gw.url.startswith("https://")
+        assert httpx.get(gw.url + "/readyz", verify=str(tmp_path / "cert.pem"), timeout=10).status_code == 200
+        with pytest.raises(httpx.TransportError):
+            httpx.get(gw.url.replace("https://", "http://") + "/healthz", timeout=5)
+    finally:
+        gw.stop()
+
+
 # ------------------------------------------------------------------ a generator of its own: busy, killed, gone
 
 def free_port() -> int:
@@ -387,7 +408,7 @@ def test_a_caller_that_disconnects_stops_the_generation(lonely):
                             data={"size": "1024x1024", "steps": str(SLOW["steps"]), "seed": "1"})
     body = request.read()
     with socket.create_connection(("127.0.0.1", int(lonely.url.rsplit(":", 1)[1]))) as raw:
-        head = f"POST /v1/images/variations HTTP/1.1\r\nHost: gateway\r\n" + "".join(
+        head = "POST /v1/images/variations HTTP/1.1\r\nHost: gateway\r\n" + "".join(
             f"{k}: {v}\r\n" for k, v in request.headers.items() if k.lower() != "host") + "\r\n"
         raw.sendall(head.encode() + body)
         _generator_busy(lonely)
