@@ -14,7 +14,7 @@ import io
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -147,7 +147,8 @@ def _ours(settings: Settings, job: Job, result, request_id: str) -> dict:
     """Our extra field: the seed and effective parameters (send them back to repeat an image)."""
     return {"model": settings.model_name, "mode": job.mode.value, "seed": result.seed, "parameters": result.parameters,
             "ignored_parameters": sorted(set(result.ignored_parameters) | set(job.ignored)),
-            "mask": job.mask_semantics, "request_id": request_id, "timings": result.timings}
+            "mask": job.mask_semantics, "focus": list(astuple(job.focus)) if job.focus else None,
+            "request_id": request_id, "timings": result.timings}
 
 
 def _size(result) -> str:
@@ -181,7 +182,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+        headers = error.headers()
+        if getattr(request.state, "request_id", None):
+            headers["x-request-id"] = request.state.request_id
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
     @app.exception_handler(InvalidArgument)
     async def invalid_argument(request: Request, error: InvalidArgument):
@@ -209,7 +213,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     async def run(request: Request, make_job) -> Response:
         authorize(request)
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         form = await read_form(request, settings.max_upload_bytes)
         job = make_job(form, settings.model_names, settings.max_image_pixels)
         log_event("request", route=request.url.path, request_id=request_id, mode=job.mode.value,

@@ -31,8 +31,8 @@ from pictures import picture
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-gateway-test"
 FAST = dict(steps=2, seed=5)
-# About 0.15 s a step on the tiny preset at 1024x1024 on two CPU cores: long enough to act mid-request.
-SLOW = dict(steps=40, seed=9)
+# Long enough to act mid-request on the tiny preset (512x512: a few seconds on two CPU cores).
+SLOW = dict(steps=100, seed=9)
 
 
 def png(image: Image.Image) -> bytes:
@@ -186,6 +186,13 @@ def test_edit_without_mask_is_img2img_and_size_resizes_the_image(gateway):
     response = sdk.images.edit(image=png(holed), prompt="", extra_body=dict(FAST, steps=1))
     assert response.model_extra["qwen2vl_flux"]["mode"] == "inpaint"
     assert response.model_extra["qwen2vl_flux"]["mask"] == "image_alpha"
+    # image[] twice: the input, then the reference image b (its embedding conditions FLUX), with a focus on b.
+    a, b = png(picture(64, 64, seed=1)), png(picture(64, 64, seed=2))
+    alone = sdk.images.edit(image=a, prompt="", extra_body=FAST)
+    referenced = sdk.images.edit(image=[a, b], prompt="", extra_body=dict(FAST, focus={
+        "center_x": 0.5, "center_y": 0.5, "radius": 0.4}))
+    assert referenced.model_extra["qwen2vl_flux"]["focus"] == [0.5, 0.5, 0.4]
+    assert referenced.data[0].b64_json != alone.data[0].b64_json
 
 
 def test_streaming_edit_yields_partial_images_then_the_final_one(gateway):
@@ -328,17 +335,24 @@ def test_health_readiness_metrics_and_cors(gateway):
     assert "access-control-allow-origin" not in other.headers
 
 
-def test_https_with_its_own_certificate(servers, tmp_path):
+def test_https_with_its_own_certificate_and_a_deadline(servers, tmp_path):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out",
                     "cert.pem", "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True, cwd=tmp_path)
     gw = Gateway(servers["encoder"].address, servers["generator"].address, "--https-cert", str(tmp_path / "cert.pem"),
-                 "--https-key", str(tmp_path / "key.pem"), scheme="https", verify=str(tmp_path / "cert.pem"))
+                 "--https-key", str(tmp_path / "key.pem"), "--timeout", "3", scheme="https",
+                 verify=str(tmp_path / "cert.pem"))
     try:
         assert gw.url.startswith("https://")
         assert httpx.get(gw.url + "/readyz", verify=str(tmp_path / "cert.pem"), timeout=10).status_code == 200
         with pytest.raises(httpx.TransportError):
             httpx.get(gw.url.replace("https://", "http://") + "/healthz", timeout=5)
+        # A generation longer than the gateway's --timeout: DEADLINE_EXCEEDED is a 504, not replayed.
+        sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="none", max_retries=0,
+                            http_client=openai.DefaultHttpxClient(verify=str(tmp_path / "cert.pem")))
+        with pytest.raises(openai.InternalServerError) as error:
+            sdk.images.create_variation(image=png(IMAGE), size="1024x1024", extra_body=SLOW)   # ~15 s
+        assert error.value.status_code == 504 and "DEADLINE_EXCEEDED" in error.value.message
     finally:
         gw.stop()
 
@@ -359,21 +373,23 @@ def lonely(servers, tiny_checkpoints):
                               str(metrics_port)).start().wait_serving()
     gw = Gateway(servers["encoder"].address, generator.address)
     gw.generator, gw.generator_metrics = generator, f"http://127.0.0.1:{metrics_port}/metrics"
-    gw.steps_seen = float("-inf")
     yield gw
     gw.stop()
     generator.kill()
 
 
-def _generator_busy(gw: Gateway, timeout: float = 60) -> None:
-    """Wait until the generator runs a request (its in-flight gauge) and has done a step."""
+def _generator_metric(gw: Gateway, name: str) -> float:
+    text = urllib.request.urlopen(gw.generator_metrics, timeout=5).read().decode()
+    found = re.search(rf'^{name}\{{role="generator"\}} (\S+)', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def _generator_busy(gw: Gateway, steps_before: float, timeout: float = 60) -> None:
+    """Wait until the generator runs a request and has done a step of it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        text = urllib.request.urlopen(gw.generator_metrics, timeout=5).read().decode()
-        running = re.search(r'^qwen2vl_flux_in_flight\{role="generator"\} (\S+)', text, re.M)
-        steps = re.search(r'^qwen2vl_flux_denoise_step_seconds_count\{role="generator"\} (\S+)', text, re.M)
-        if running and float(running.group(1)) == 1 and steps and float(steps.group(1)) > gw.steps_seen:
-            gw.steps_seen = float(steps.group(1))
+        if (_generator_metric(gw, "qwen2vl_flux_in_flight") == 1
+                and _generator_metric(gw, "qwen2vl_flux_denoise_step_seconds_count") > steps_before):
             return
         time.sleep(0.05)
     raise AssertionError("the generator never started the request")
@@ -381,18 +397,15 @@ def _generator_busy(gw: Gateway, timeout: float = 60) -> None:
 
 def _generator_idle(gw: Gateway, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = urllib.request.urlopen(gw.generator_metrics, timeout=5).read().decode()
-        if re.search(r'^qwen2vl_flux_in_flight\{role="generator"\} 0', text, re.M):
-            return
+    while _generator_metric(gw, "qwen2vl_flux_in_flight") != 0:
+        assert time.monotonic() < deadline, "the generator is still busy"
         time.sleep(0.05)
-    raise AssertionError("the generator is still busy")
 
 
 def _slow_variation(gw: Gateway, request_id: str, sdk=None):
     sdk = sdk or gw.sdk()
     pool = ThreadPoolExecutor(1)
-    future = pool.submit(sdk.images.create_variation, image=png(IMAGE), size="1024x1024", extra_body=SLOW,
+    future = pool.submit(sdk.images.create_variation, image=png(IMAGE), size="512x512", extra_body=SLOW,
                          extra_headers={"x-request-id": request_id})
     pool.shutdown(wait=False)
     return future
@@ -402,30 +415,36 @@ def _generator_log(server: ServerProcess) -> list[dict]:
     return [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
 
 
+def _wait_for_stopped(server: ServerProcess, request_id: str, timeout: float = 30) -> None:
+    """The generator's model thread logs this when the denoise loop stopped for a cancelled call."""
+    deadline = time.monotonic() + timeout
+    while not any(e.get("msg") == "generation stopped" and e.get("request_id") == request_id
+                  for e in _generator_log(server)):
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.1)
+
+
 def test_a_caller_that_disconnects_stops_the_generation(lonely):
     request = httpx.Request("POST", lonely.url + "/v1/images/variations", headers={"x-request-id": "gone-away"},
                             files={"image": ("a.png", png(IMAGE), "image/png")},
-                            data={"size": "1024x1024", "steps": str(SLOW["steps"]), "seed": "1"})
+                            data={"size": "512x512", "steps": str(SLOW["steps"]), "seed": "1"})
     body = request.read()
+    steps = _generator_metric(lonely, "qwen2vl_flux_denoise_step_seconds_count")
     with socket.create_connection(("127.0.0.1", int(lonely.url.rsplit(":", 1)[1]))) as raw:
         head = "POST /v1/images/variations HTTP/1.1\r\nHost: gateway\r\n" + "".join(
             f"{k}: {v}\r\n" for k, v in request.headers.items() if k.lower() != "host") + "\r\n"
         raw.sendall(head.encode() + body)
-        _generator_busy(lonely)
+        _generator_busy(lonely, steps)
     # The socket is closed mid-generation: the gateway cancels the call, the generator stops the job.
-    deadline = time.monotonic() + 30
-    while not any(e.get("msg") == "generation stopped" and e.get("request_id") == "gone-away"
-                  for e in _generator_log(lonely.generator)):
-        assert time.monotonic() < deadline, lonely.generator.log_tail()
-        time.sleep(0.1)
+    _wait_for_stopped(lonely.generator, "gone-away")
     assert any(e.get("msg") == "generation cancelled" and e.get("request_id") == "gone-away" for e in lonely.log())
     assert lonely.metric("qwen2vl_flux_gateway_disconnects_total") == 1
 
 
 def test_a_full_queue_is_a_rate_limit_error_with_retry_after(lonely):
-    stream = httpx.stream("POST", lonely.url + "/v1/images/edits", timeout=120,
+    stream = httpx.stream("POST", lonely.url + "/v1/images/edits", timeout=120, headers={"x-request-id": "occupant"},
                           files={"image": ("a.png", png(IMAGE), "image/png")},
-                          data={"stream": "true", "size": "1024x1024", "steps": "40", "strength": "1", "seed": "2"})
+                          data={"stream": "true", "size": "512x512", "steps": str(SLOW["steps"]), "strength": "1"})
     with stream as occupant:
         assert occupant.status_code == 200         # the status waits for the first step: it runs now
         with pytest.raises(openai.RateLimitError) as error:
@@ -435,6 +454,7 @@ def test_a_full_queue_is_a_rate_limit_error_with_retry_after(lonely):
         assert error.value.response.headers["x-should-retry"] == "true"
     # Leaving the stream cancelled the occupant; the generator is free again.
     _generator_idle(lonely)
+    _wait_for_stopped(lonely.generator, "occupant")
     assert lonely.sdk().images.create_variation(image=png(IMAGE), size="64x64", extra_body=FAST).data
 
 
@@ -442,8 +462,10 @@ def test_a_generation_that_fails_midway_is_not_replayed(lonely):
     """With the SDK's default retries (2): the generator dies mid-run, the answer says
     x-should-retry: false, and the gateway saw the request once."""
     before = lonely.metric("qwen2vl_flux_requests_total", role="gateway", rpc="/v1/images/variations", status="503")
+    _generator_idle(lonely)
+    steps = _generator_metric(lonely, "qwen2vl_flux_denoise_step_seconds_count")
     running = _slow_variation(lonely, "killed-midway", sdk=lonely.sdk(max_retries=2))
-    _generator_busy(lonely)
+    _generator_busy(lonely, steps)
     lonely.generator.kill()
     with pytest.raises(openai.InternalServerError) as error:
         running.result(timeout=60)
