@@ -232,8 +232,8 @@ def create_app(settings: Settings) -> FastAPI:
             disconnects.inc()
             return Response(status_code=499)
         finally:
-            if not job.stream:
-                generation.close()
+            if not job.stream:   # done, failed, or this handler cancelled: nothing keeps running
+                await generation.cancel("request ended")
         created = int(time.time())
         body = {"created": created, "data": [_image_entry(d, job.output_format, job.response_format)
                                              for d in value.data],

@@ -26,6 +26,7 @@ from PIL import Image
 from qwen2vl_flux.client import AsyncClient
 from qwen2vl_flux.client.images import image_bytes
 from qwen2vl_flux.client.launch import ServerProcess
+from qwen2vl_flux.gateway.images_api import Form, variation_job
 from pictures import picture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,12 +135,14 @@ def test_variation_returns_n_images_of_the_size_asked(gateway):
 def test_variation_url_format_model_name_and_auto_size(gateway):
     sdk = gateway.sdk()
     response = sdk.images.create_variation(image=png(picture(100, 40)), model="qwen2vl-flux", response_format="url",
-                                           size="auto", extra_body=dict(FAST, steps=1))
+                                           size="96x48", extra_body=FAST)
     url = response.data[0].url
     assert url.startswith("data:image/png;base64,")
-    # auto: the aspect-ratio entry nearest the input's 2.5:1 shape
-    assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == (1536, 640)
-    assert response.model_extra["qwen2vl_flux"]["parameters"]["aspect_ratio"] == "2.4:1"
+    assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == (96, 48)
+    # auto (or no size): the aspect-ratio entry nearest the input's shape
+    for shape, ratio in (((100, 40), "2.4:1"), ((60, 80), "3:4"), ((64, 64), "1:1"), ((90, 160), "9:16")):
+        form = Form(fields={"size": "auto"}, files={"image": [png(picture(*shape))]})
+        assert variation_job(form, ("qwen2vl-flux",), 10**6).params["aspect_ratio"] == ratio
     alias = sdk.images.create_variation(image=png(picture(64, 64)), model="dall-e-2", size="64x64", extra_body=FAST)
     assert alias.model_extra["qwen2vl_flux"]["model"] == "qwen2vl-flux"
     assert [m.id for m in sdk.models.list().data] == ["qwen2vl-flux"]
@@ -340,7 +343,7 @@ def test_https_with_its_own_certificate_and_a_deadline(servers, tmp_path):
                     "cert.pem", "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True, cwd=tmp_path)
     gw = Gateway(servers["encoder"].address, servers["generator"].address, "--https-cert", str(tmp_path / "cert.pem"),
-                 "--https-key", str(tmp_path / "key.pem"), "--timeout", "3", scheme="https",
+                 "--https-key", str(tmp_path / "key.pem"), "--timeout", "1", scheme="https",
                  verify=str(tmp_path / "cert.pem"))
     try:
         assert gw.url.startswith("https://")
@@ -348,10 +351,11 @@ def test_https_with_its_own_certificate_and_a_deadline(servers, tmp_path):
         with pytest.raises(httpx.TransportError):
             httpx.get(gw.url.replace("https://", "http://") + "/healthz", timeout=5)
         # A generation longer than the gateway's --timeout: DEADLINE_EXCEEDED is a 504, not replayed.
-        sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="none", max_retries=0,
-                            http_client=openai.DefaultHttpxClient(verify=str(tmp_path / "cert.pem")))
-        with pytest.raises(openai.InternalServerError) as error:
-            sdk.images.create_variation(image=png(IMAGE), size="1024x1024", extra_body=SLOW)   # ~15 s
+        # (closed before the gateway stops: an idle TLS connection holds up uvicorn's shutdown)
+        with openai.OpenAI(base_url=gw.url + "/v1", api_key="none", max_retries=0,
+                           http_client=openai.DefaultHttpxClient(verify=str(tmp_path / "cert.pem"))) as sdk:
+            with pytest.raises(openai.InternalServerError) as error:
+                sdk.images.create_variation(image=png(IMAGE), size="512x512", extra_body=SLOW)
         assert error.value.status_code == 504 and "DEADLINE_EXCEEDED" in error.value.message
     finally:
         gw.stop()
