@@ -487,3 +487,23 @@ def test_a_stopped_generator_is_a_503_and_not_ready(lonely):
     assert "generator at" in error.value.message and "UNAVAILABLE" in error.value.message
     ready = httpx.get(lonely.url + "/readyz", timeout=10)
     assert ready.status_code == 503 and "generator" in ready.json()["error"]
+
+
+def test_a_generator_lost_mid_stream_is_an_error_event(lonely):
+    """Restarted, the generator is found again (ready); killed while a stream runs, the stream
+    ends with an `error` event in OpenAI's shape, which the SDK raises."""
+    lonely.generator.start().wait_serving()
+    deadline = time.monotonic() + 30
+    while httpx.get(lonely.url + "/readyz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the gateway did not find the restarted generator"
+        time.sleep(0.2)
+    steps = _generator_metric(lonely, "qwen2vl_flux_denoise_step_seconds_count")
+    stream = lonely.sdk().images.edit(image=png(IMAGE), prompt="", stream=True, size="512x512",
+                                      extra_body=dict(SLOW, strength=1.0))
+    _generator_busy(lonely, steps)
+    lonely.generator.kill()
+    with pytest.raises(openai.APIError) as error:
+        list(stream)
+    assert not isinstance(error.value, openai.APIStatusError)      # the status was 200: an event, not a status
+    assert "generator at" in error.value.message and "UNAVAILABLE" in error.value.message
+    assert error.value.type == "server_error" and error.value.code == "unavailable"
