@@ -122,20 +122,7 @@ class Client:
                request_id: str | None = None) -> pb.EmbeddingBundle:
         """Embed what the mode reads of image a and reference b; the focus goes with the
         image the mode applies it to (a in variation, b otherwise)."""
-        mode, focus = Mode.parse(mode), _focus(focus)
-        target = focus_role(mode)
-        request = pb.EncodeRequest(request_id=request_id or uuid.uuid4().hex, prompt=prompt)
-        inputs = {ROLE_INPUT: image, ROLE_REFERENCE: reference}
-        for role in embedding_roles(mode, reference is not None):
-            item = inputs[role]
-            entry = request.images.add(role=role, image=pb.ImageData(data=image_bytes(item)))
-            if focus is not None and role == target:
-                entry.focus.CopyFrom(pb.Focus(center_x=focus.center_x, center_y=focus.center_y,
-                                              radius=focus.radius))
-        if pixel_budget is not None:
-            request.pixel_budget = pixel_budget
-        if pad_to is not None:
-            request.pad_to = pad_to
+        request = encode_request(image, reference, prompt, focus, mode, pixel_budget, pad_to, request_id)
         return self._call("encoder", self._encoder.Encode, request).bundle
 
     def generate(self, bundle: pb.EmbeddingBundle, mode: Mode | str = Mode.VARIATION,
@@ -149,74 +136,34 @@ class Client:
         A seed is chosen here when none is given, so the result always says which one ran.
         Setting `cancel_event` cancels the call; the server stops within one step.
         `preview_every=N` adds a small JPEG preview (`progress.preview.data`) every N steps."""
-        mode = Mode.parse(mode)
-        if params.get("seed") is None:
-            params["seed"] = secrets.randbelow(2**32)
-        resolve_parameters(mode, params)  # fail fast, before any bytes travel; the server checks again
-        request = pb.GenerateRequest(request_id=request_id or uuid.uuid4().hex, mode=mode_to_proto(mode),
-                                     bundle=bundle, params=params_to_proto(params),
-                                     output=pb.OutputOptions(format=_FORMATS[output_format.lower()],
-                                                             preview_every=preview_every))
-        if image is not None:
-            request.init_image.data = image_bytes(image)
-        if mask is not None:
-            request.mask.data = image_bytes(mask)
-        request.mask_from_alpha = mask_from_alpha
-        for kind, picture in (control_maps or {}).items():
-            request.control_maps.add(kind=_CONTROL_KINDS[kind], image=pb.ImageData(data=image_bytes(picture)))
+        request = generate_request(bundle, mode, image, mask, control_maps, mask_from_alpha, output_format,
+                                   request_id, preview_every, params)
         attempts = 2 if self.retry_generation else 1
         for attempt in range(attempts):
-            images, data, summary = [], [], None
+            events = GenerationEvents()
             try:
                 stream = self._generator.Generate(request, timeout=timeout or self.timeout,
                                                   metadata=(("x-request-id", request.request_id),) + self._metadata)
                 if cancel_event is not None:
                     _cancel_when_set(stream, cancel_event)
                 for event in stream:
-                    kind = event.WhichOneof("event")
-                    if kind == "progress" and progress is not None:
-                        progress(event.progress)
-                    elif kind == "image":
-                        data.append(event.image.data)
-                        images.append(_decode_output(event.image))
-                    elif kind == "summary":
-                        summary = event.summary
+                    step = events.add(event)
+                    if step is not None and progress is not None:
+                        progress(step)
                 break
             except grpc.RpcError as e:
-                replay = e.code() == grpc.StatusCode.UNAVAILABLE and not images and attempt + 1 < attempts
-                if not replay:
+                if not events.replayable(e.code(), attempt + 1 < attempts):
                     raise self._error("generator", e) from None
-        if summary is None:
-            raise ServiceError(f"generator at {self.addresses['generator']}", grpc.StatusCode.DATA_LOSS,
-                               "the stream ended without a summary")
-        effective = params_from_proto(summary.effective)
-        timings = {f.name: v for f, v in summary.timings.ListFields()}
-        return GenerationResult(images, data, int(effective["seed"]), effective,
-                                list(summary.ignored_parameters), summary.request_id, timings,
-                                output_format.lower())
+        return events.result(f"generator at {self.addresses['generator']}", output_format)
 
     def control_maps(self, image: ImageLike, kinds=("depth", "line"), line_detector: str = "auto",
                      denoise_radius: float | None = None, resize_like_generator: bool = True,
                      request_id: str | None = None) -> ControlMaps:
         """Depth and line maps of image a, computed on the encoder's GPU. By default the
         image is first resized as the generator will resize it, so the maps match."""
-        if line_detector not in _LINE_DETECTORS:
-            raise InvalidArgument("line_detector", f"line_detector must be one of {', '.join(_LINE_DETECTORS)}, "
-                                                   f"got {line_detector!r}")
-        request = pb.ControlMapsRequest(request_id=request_id or uuid.uuid4().hex,
-                                        image=pb.ImageData(data=image_bytes(image)),
-                                        kinds=[_CONTROL_KINDS[k] for k in kinds],
-                                        line_detector=_LINE_DETECTORS[line_detector],
-                                        resize_like_generator=resize_like_generator)
-        if denoise_radius is not None:
-            request.denoise_radius = denoise_radius
-        response = self._call("encoder", self._encoder.ComputeControlMaps, request)
-        names = {v: k for k, v in _CONTROL_KINDS.items()}
-        maps, detectors = {}, {}
-        for item in response.maps:
-            maps[names[item.kind]] = _open_image(item.image.data)
-            detectors[names[item.kind]] = item.detector
-        return ControlMaps(maps, detectors)
+        request = control_maps_request(image, kinds, line_detector, denoise_radius, resize_like_generator,
+                                       request_id)
+        return control_maps_from_proto(self._call("encoder", self._encoder.ComputeControlMaps, request))
 
     # ------------------------------------------------------------ one call per mode
 
@@ -227,9 +174,7 @@ class Client:
         bundle = self.encode(image, reference=reference, prompt=prompt, focus=focus, mode=mode,
                              request_id=options.get("request_id"))
         if mode.uses_controlnet and control_maps is None:
-            effective, _ = resolve_parameters(mode, dict(params, seed=params.get("seed") or 0))
-            kinds = [kind for kind, _, _ in control_maps_used(effective)]
-            control_maps = self.control_maps(image, kinds, line_detector=line_detector).maps
+            control_maps = self.control_maps(image, control_kinds(mode, params), line_detector=line_detector).maps
         return self.generate(bundle, mode=mode, image=None if mode is Mode.VARIATION else image, mask=mask,
                              control_maps=control_maps, mask_from_alpha=mask_from_alpha, progress=progress,
                              **options, **params)
@@ -264,6 +209,117 @@ class Client:
         method = {Mode.VARIATION: self.variation, Mode.IMG2IMG: self.img2img, Mode.INPAINT: self.inpaint,
                   Mode.CONTROLNET: self.controlnet, Mode.CONTROLNET_INPAINT: self.controlnet_inpaint}
         return method[Mode.parse(mode)](image, **kwargs)
+
+
+# ------------------------------------------------------------ shared by Client and AsyncClient
+
+def encode_request(image: ImageLike, reference: ImageLike | None = None, prompt: str = "",
+                   focus: Focus | tuple | None = None, mode: Mode | str = Mode.VARIATION,
+                   pixel_budget: int | None = None, pad_to: int | None = None,
+                   request_id: str | None = None) -> pb.EncodeRequest:
+    mode, focus = Mode.parse(mode), _focus(focus)
+    target = focus_role(mode)
+    request = pb.EncodeRequest(request_id=request_id or uuid.uuid4().hex, prompt=prompt)
+    inputs = {ROLE_INPUT: image, ROLE_REFERENCE: reference}
+    for role in embedding_roles(mode, reference is not None):
+        item = inputs[role]
+        entry = request.images.add(role=role, image=pb.ImageData(data=image_bytes(item)))
+        if focus is not None and role == target:
+            entry.focus.CopyFrom(pb.Focus(center_x=focus.center_x, center_y=focus.center_y,
+                                          radius=focus.radius))
+    if pixel_budget is not None:
+        request.pixel_budget = pixel_budget
+    if pad_to is not None:
+        request.pad_to = pad_to
+    return request
+
+
+def generate_request(bundle: pb.EmbeddingBundle, mode: Mode | str, image, mask, control_maps,
+                     mask_from_alpha: bool, output_format: str, request_id: str | None, preview_every: int,
+                     params: dict) -> pb.GenerateRequest:
+    """Checks `params` (and picks a seed when none is given) before any bytes travel."""
+    mode = Mode.parse(mode)
+    if params.get("seed") is None:
+        params["seed"] = secrets.randbelow(2**32)
+    resolve_parameters(mode, params)  # fail fast; the server checks again
+    if output_format.lower() not in _FORMATS:
+        raise InvalidArgument("output_format", f"output_format must be one of {', '.join(_FORMATS)}, "
+                                               f"got {output_format!r}")
+    request = pb.GenerateRequest(request_id=request_id or uuid.uuid4().hex, mode=mode_to_proto(mode),
+                                 bundle=bundle, params=params_to_proto(params),
+                                 output=pb.OutputOptions(format=_FORMATS[output_format.lower()],
+                                                         preview_every=preview_every))
+    if image is not None:
+        request.init_image.data = image_bytes(image)
+    if mask is not None:
+        request.mask.data = image_bytes(mask)
+    request.mask_from_alpha = mask_from_alpha
+    for kind, picture in (control_maps or {}).items():
+        request.control_maps.add(kind=_CONTROL_KINDS[kind], image=pb.ImageData(data=image_bytes(picture)))
+    return request
+
+
+def control_maps_request(image: ImageLike, kinds, line_detector: str, denoise_radius: float | None,
+                         resize_like_generator: bool, request_id: str | None) -> pb.ControlMapsRequest:
+    if line_detector not in _LINE_DETECTORS:
+        raise InvalidArgument("line_detector", f"line_detector must be one of {', '.join(_LINE_DETECTORS)}, "
+                                               f"got {line_detector!r}")
+    request = pb.ControlMapsRequest(request_id=request_id or uuid.uuid4().hex,
+                                    image=pb.ImageData(data=image_bytes(image)),
+                                    kinds=[_CONTROL_KINDS[k] for k in kinds],
+                                    line_detector=_LINE_DETECTORS[line_detector],
+                                    resize_like_generator=resize_like_generator)
+    if denoise_radius is not None:
+        request.denoise_radius = denoise_radius
+    return request
+
+
+def control_maps_from_proto(response: pb.ControlMapsResponse) -> ControlMaps:
+    names = {v: k for k, v in _CONTROL_KINDS.items()}
+    maps, detectors = {}, {}
+    for item in response.maps:
+        maps[names[item.kind]] = _open_image(item.image.data)
+        detectors[names[item.kind]] = item.detector
+    return ControlMaps(maps, detectors)
+
+
+def control_kinds(mode: Mode, params: dict) -> list[str]:
+    """The control maps a ControlNet request needs the encoder to compute."""
+    effective, _ = resolve_parameters(mode, dict(params, seed=params.get("seed") or 0))
+    return [kind for kind, _, _ in control_maps_used(effective)]
+
+
+class GenerationEvents:
+    """The events of one Generate stream, gathered into a GenerationResult."""
+
+    def __init__(self):
+        self.images, self.data, self.summary = [], [], None
+
+    def add(self, event: pb.GenerateEvent) -> pb.Progress | None:
+        """Keep an image or the summary; hand back a progress event."""
+        kind = event.WhichOneof("event")
+        if kind == "progress":
+            return event.progress
+        if kind == "image":
+            self.data.append(event.image.data)
+            self.images.append(_decode_output(event.image))
+        elif kind == "summary":
+            self.summary = event.summary
+        return None
+
+    def replayable(self, code: grpc.StatusCode, attempts_left: bool) -> bool:
+        """A generation is re-run only when asked, on UNAVAILABLE, before any image arrived."""
+        return code == grpc.StatusCode.UNAVAILABLE and not self.images and attempts_left
+
+    def result(self, service: str, output_format: str) -> GenerationResult:
+        summary = self.summary
+        if summary is None:
+            raise ServiceError(service, grpc.StatusCode.DATA_LOSS, "the stream ended without a summary")
+        effective = params_from_proto(summary.effective)
+        timings = {f.name: v for f, v in summary.timings.ListFields()}
+        return GenerationResult(self.images, self.data, int(effective["seed"]), effective,
+                                list(summary.ignored_parameters), summary.request_id, timings,
+                                output_format.lower())
 
 
 def _cancel_when_set(call: grpc.Future, event: threading.Event) -> None:

@@ -64,7 +64,8 @@ def target(addresses: "str | list[str]") -> str:
 
 
 def open_channel(addresses: "str | list[str]", service: str, tls: TLSFiles | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, aio: bool = False) -> grpc.Channel:
+    """A channel with the options above; `aio=True` gives a grpc.aio channel (AsyncClient)."""
     method_config = {"name": [{"service": service}]}
     if service == ENCODER_SERVICE:
         method_config["retryPolicy"] = ENCODER_RETRY
@@ -81,6 +82,7 @@ def open_channel(addresses: "str | list[str]", service: str, tls: TLSFiles | Non
         ("grpc.max_reconnect_backoff_ms", 1000),
     ]
     destination = target(addresses)
+    kind = grpc.aio if aio else grpc
     if tls is None:
-        return grpc.insecure_channel(destination, options)
-    return grpc.secure_channel(destination, tls.credentials(), options)
+        return kind.insecure_channel(destination, options)
+    return kind.secure_channel(destination, tls.credentials(), options)

@@ -516,7 +516,8 @@ def test_kustomization_lists_every_manifest():
     for doc in manifests():
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == namespace
-    assert {i["name"] for i in kustomization["images"]} == {"qwen2vl-flux-encoder", "qwen2vl-flux-generator"}
+    assert {i["name"] for i in kustomization["images"]} == {"qwen2vl-flux-encoder", "qwen2vl-flux-generator",
+                                                            "qwen2vl-flux-gateway"}
 
 
 def container(deployment: dict) -> dict:
@@ -633,15 +634,17 @@ def _guarded_by_import_error(tree: ast.AST) -> set[int]:
     return lines
 
 
-def test_server_image_installs_everything_the_servers_import():
-    """The images run `pip install "/src[server]"` and nothing else: every third-party module the
-    installed packages import must come with the declared dependencies (directly or through theirs)."""
+@pytest.mark.parametrize("extra", ["server", "gateway"])
+def test_server_image_installs_everything_the_servers_import(extra):
+    """The images run `pip install "/src[server]"` (the gateway's "/src[gateway]") and nothing else:
+    every third-party module the installed packages import must come with the declared dependencies
+    (directly or through theirs)."""
     from importlib.metadata import PackageNotFoundError, packages_distributions, requires
 
     from packaging.requirements import Requirement
 
     project = pyproject()["project"]
-    declared = project["dependencies"] + project["optional-dependencies"]["server"]
+    declared = project["dependencies"] + project["optional-dependencies"][extra]
     closure, todo = set(), [Requirement(r) for r in declared]
     while todo:
         req = todo.pop()
@@ -654,9 +657,10 @@ def test_server_image_installs_everything_the_servers_import():
         except PackageNotFoundError:
             pass
     package_dirs = pyproject()["tool"]["setuptools"]["package-dir"]
+    gateway = {"qwen2vl_flux.gateway": package_dirs.pop("qwen2vl_flux.gateway")}
     owners = packages_distributions()
     missing = {}
-    for directory in package_dirs.values():
+    for directory in (gateway if extra == "gateway" else package_dirs).values():
         for path in (ROOT / directory).rglob("*.py"):
             tree = ast.parse(path.read_text())
             optional = _guarded_by_import_error(tree)
@@ -676,7 +680,7 @@ def test_server_image_installs_everything_the_servers_import():
                     dists = {re.sub(r"[-_.]+", "-", d).lower() for d in owners.get(top, [])}
                     if dists and not dists & closure:
                         missing.setdefault(top, set()).add(str(path.relative_to(ROOT)))
-    assert not missing, ("imported but not installed by pip install .[server] (add to pyproject's server "
+    assert not missing, (f"imported but not installed by pip install .[{extra}] (add to pyproject's {extra} "
                          f"extra): {missing}")
 
 
