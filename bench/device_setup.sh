@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set-up on the GPU machine (no network): the wheels carried in .whl/ (diffusers,
-# transformers, torchao, grpcio health/reflection, controlnet_aux), this package
+# torchao for the stock fp8 row, grpcio health/reflection, optionally sageattention and controlnet_aux), this package
 # in editable mode, and the tiny preset for tokenizers and configs at /tmp/tiny.
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

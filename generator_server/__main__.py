@@ -23,7 +23,7 @@ def _step_cache(text: str):
 
 def _extra_args(parser):
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the repeated blocks and the VAE decoder (default: on with CUDA)")
+                        help="torch.compile the repeated transformer blocks (default: on with CUDA)")
     parser.add_argument("--attention", default="auto",
                         help="diffusers attention backend; auto = _native_cudnn on CUDA, native on CPU")
     parser.add_argument("--turbo", action="store_true",

@@ -88,8 +88,7 @@ class StepCache:
 class SpeedOptions:
     """Every speed option of the generator in one place (flags of qwen2vl-flux-generator).
 
-    compile: torch.compile of the repeated transformer blocks and the VAE decoder, with
-    symbolic shapes. attention: a diffusers attention backend ("_native_cudnn" is the fastest
+    compile: torch.compile of the repeated transformer blocks, with symbolic shapes. attention: a diffusers attention backend ("_native_cudnn" is the fastest
     SDPA on Hopper). turbo: fp8 weights and activations for the transformer's Linear layers (generator_server/fp8.py).
     step_cache: steps that reuse the last velocity (changes images; off by default).
     """
@@ -208,9 +207,10 @@ class FluxGenerator:
             self.transformer.enable_cache(FirstBlockCacheConfig(threshold=options.step_cache.threshold))
         if options.compile:
             # Symbolic token counts from the first compile: every size and text length
-            # shares one graph per block class, so a new shape never recompiles.
+            # shares one graph per block class, so a new shape does not recompile. The VAE
+            # stays eager: compiling its decoder saved 0.045 s a request and cost minutes
+            # of start-up with symbolic shapes (BENCHMARKS.md).
             self.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
-            self.vae.decoder = torch.compile(self.vae.decoder, fullgraph=True, dynamic=True)
 
     def _optimize_controlnet(self, controlnet) -> None:
         options = self.speed
