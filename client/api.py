@@ -100,7 +100,10 @@ class Client:
         self.close()
 
     def _error(self, service: str, error: grpc.RpcError) -> ServiceError:
-        return ServiceError(f"{service} at {self.addresses[service]}", error.code(), error.details())
+        address, details = self.addresses[service], error.details() or ""
+        if error.code() == grpc.StatusCode.UNAVAILABLE and _no_connection(details):
+            details += f"; {unavailable_hint(service, address)}"
+        return ServiceError(f"{service} at {address}", error.code(), details)
 
     def _call(self, service: str, method, request, timeout: float | None = None):
         try:
@@ -264,6 +267,20 @@ class Client:
         method = {Mode.VARIATION: self.variation, Mode.IMG2IMG: self.img2img, Mode.INPAINT: self.inpaint,
                   Mode.CONTROLNET: self.controlnet, Mode.CONTROLNET_INPAINT: self.controlnet_inpaint}
         return method[Mode.parse(mode)](image, **kwargs)
+
+
+def _no_connection(details: str) -> bool:
+    """gRPC's own words for "nothing listens there" (our servers' UNAVAILABLE say loading or draining)."""
+    text = details.lower()
+    return "connect" in text or "backends failing" in text or "dns resolution failed" in text
+
+
+def unavailable_hint(service: str, address) -> str:
+    """What to do when nothing answers at `address`."""
+    text = address if isinstance(address, str) else ",".join(address)
+    port = text.rsplit(":", 1)[-1] if ":" in text else "PORT"
+    return (f"is the {service} running at {text}? start both servers with `qwen2vl-flux serve` (the demo model), "
+            f"or this one with `qwen2vl-flux-{service} --checkpoints DIR --port {port}`")
 
 
 def _cancel_when_set(call: grpc.Future, event: threading.Event) -> None:

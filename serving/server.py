@@ -434,6 +434,8 @@ def server_info(role: str, model, args: argparse.Namespace, **fields) -> "pb.Ser
 
     limits = pb.Limits(max_message_bytes=args.max_message_bytes, max_image_pixels=args.max_image_pixels,
                        max_queue=args.max_queue, **fields.pop("limits", {}))
+    if model.layout.native_size is not None:
+        fields.setdefault("native_size", model.layout.native_size)
     return pb.ServerInfo(role=role, fingerprint=model.fingerprint, dtype=str(model.dtype).removeprefix("torch."),
                          device=str(model.device), versions=pb.Versions(**versions()),
                          checkpoints=str(model.layout.root), limits=limits, **fields)
