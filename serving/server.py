@@ -9,13 +9,10 @@ import contextlib
 import functools
 import gc
 import hmac
-import json
 import logging
 import os
 import signal
-import sys
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +25,7 @@ from qwen2vl_flux.client.errors import InvalidArgument
 from qwen2vl_flux.client.images import DEFAULT_MAX_PIXELS
 from qwen2vl_flux.client.wire import MAX_MESSAGE_BYTES
 
+from .logs import LOG_FORMATS, setup_logging
 from .metrics import Metrics
 
 log = logging.getLogger("qwen2vl_flux")
@@ -79,6 +77,8 @@ def base_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--health-port", type=int, default=None,
                    help="also serve grpc.health.v1 alone, in plaintext, on this port (for probes under mTLS)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", default="json", choices=LOG_FORMATS,
+                   help="json: one object per line on stderr, everything else routed into it; text: for people")
     return p
 
 
@@ -103,29 +103,6 @@ def resolve_dtype(requested: str | None, device: str):
 
 
 # ------------------------------------------------------------------ logging
-
-class JsonFormatter(logging.Formatter):
-    def __init__(self, role: str):
-        super().__init__()
-        self.role = role
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(record.created, 3), "level": record.levelname, "role": self.role,
-                 "msg": record.getMessage()}
-        entry.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            entry["error"] = "".join(traceback.format_exception(*record.exc_info))
-        return json.dumps(entry)
-
-
-def setup_logging(role: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(role))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
-    log.setLevel(level.upper())
-
 
 def log_event(msg: str, **fields: Any) -> None:
     log.info(msg, extra={"fields": fields})
@@ -468,7 +445,7 @@ def run(role: str, default_port: int, service: str, argv: list[str] | None,
     if extra_args is not None:
         extra_args(parser)
     args = parser.parse_args(argv)
-    setup_logging(role, args.log_level)
+    setup_logging(role, args.log_level, args.log_format)
     device = resolve_device(args.device, role)
     dtype = resolve_dtype(args.dtype, device)
     thread_init = None
