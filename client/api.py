@@ -50,6 +50,7 @@ class GenerationResult:
     request_id: str
     timings: dict = field(default_factory=dict)
     format: str = "png"
+    notes: list[str] = field(default_factory=list)   # what the client decided for the caller, and why
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Client:
         self._encoder = pb_grpc.EncoderStub(self._channels[0])
         self._generator = pb_grpc.GeneratorStub(self._channels[1])
         self.addresses = {"encoder": encoder, "generator": generator}
+        self._encoder_info: pb.ServerInfo | None = None
 
     def close(self) -> None:
         for channel in self._channels:
@@ -229,13 +231,29 @@ class Client:
                                               "preview_every") if k in params}
         bundle = self.encode(image, reference=reference, prompt=prompt, focus=focus, mode=mode,
                              request_id=options.get("request_id"))
+        notes = []
         if mode.uses_controlnet and control_maps is None:
             effective, _ = resolve_parameters(mode, dict(params, seed=params.get("seed") or 0))
             kinds = [kind for kind, _, _ in control_maps_used(effective)]
+            if ("depth" in kinds and params.get("depth") is None and params.get("line") is not False
+                    and not self._encoder_makes_depth()):
+                # Depth was a default, not a request, and nothing here can make it: the line map alone.
+                params.update(depth=False, line=True)
+                kinds = ["line"]
+                notes.append(f"the encoder at {self.addresses['encoder']} has no depth model: the line map only "
+                             "(depth=False); send a depth map to use one")
             control_maps = self.control_maps(image, kinds, line_detector=line_detector).maps
-        return self.generate(bundle, mode=mode, image=None if mode is Mode.VARIATION else image, mask=mask,
-                             control_maps=control_maps, mask_from_alpha=mask_from_alpha, progress=progress,
-                             **options, **params)
+        result = self.generate(bundle, mode=mode, image=None if mode is Mode.VARIATION else image, mask=mask,
+                               control_maps=control_maps, mask_from_alpha=mask_from_alpha, progress=progress,
+                               **options, **params)
+        result.notes.extend(notes)
+        return result
+
+    def _encoder_makes_depth(self) -> bool:
+        if self._encoder_info is None:
+            self._encoder_info = self._call("encoder", self._encoder.GetInfo,
+                                            pb.GetInfoRequest(request_id=uuid.uuid4().hex))
+        return self._encoder_info.depth_available
 
     def variation(self, image: ImageLike, prompt: str = "", focus=None, progress=None, **params):
         return self._run(Mode.VARIATION, image, None, prompt, focus, progress, None, params)

@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from qwen2vl_flux.client.errors import InvalidArgument
+from qwen2vl_flux.client.help_format import DefaultsHelpFormatter
 from qwen2vl_flux.client.images import DEFAULT_MAX_PIXELS
 from qwen2vl_flux.client.wire import MAX_MESSAGE_BYTES
 
@@ -50,7 +51,8 @@ class Cancelled(RuntimeError):
 # ------------------------------------------------------------------ arguments
 
 def base_parser(role: str, default_port: int) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"qwen2vl-flux-{role}", description=f"Qwen2VL-Flux {role} gRPC server")
+    p = argparse.ArgumentParser(prog=f"qwen2vl-flux-{role}", description=f"Qwen2VL-Flux {role} gRPC server",
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoints", required=True, help="directory in the published Qwen2VL-Flux layout")
     p.add_argument("--device", default=None, help="torch device (default: see README)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
@@ -61,7 +63,7 @@ def base_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="listen address (loopback unless asked)")
     p.add_argument("--port", type=int, default=default_port, help="0 picks a free port")
     p.add_argument("--port-file", default=None, help="write the bound port here once listening")
-    p.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES)
+    p.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES, help="gRPC message limit, each way")
     p.add_argument("--grace-seconds", type=float, default=30.0,
                    help="on SIGTERM, time given to running requests before exit")
     p.add_argument("--max-queue", type=int, default=16,
@@ -76,7 +78,7 @@ def base_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates (mutual TLS)")
     p.add_argument("--health-port", type=int, default=None,
                    help="also serve grpc.health.v1 alone, in plaintext, on this port (for probes under mTLS)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--log-format", default="json", choices=LOG_FORMATS,
                    help="json: one object per line on stderr, everything else routed into it; text: for people")
     return p
