@@ -275,7 +275,7 @@ def cmd_serve(args) -> int:
         flags = "" if (encoder, generator) == (DEFAULT_ENCODER, DEFAULT_GENERATOR) else \
             f" --encoder {encoder} --generator {generator}"
         print(f"serving {checkpoints}: encoder on {encoder}, generator on {generator}; Ctrl-C stops both\n"
-              f"try: qwen2vl-flux generate --input IMAGE{flags}", file=sys.stderr, flush=True)
+              f"try: qwen2vl-flux generate --input IMAGE{flags}", flush=True)   # stderr: the servers' logs
         while True:
             for server in servers:
                 if server.process.poll() is not None:

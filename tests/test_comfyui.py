@@ -273,7 +273,7 @@ def test_mode_and_size_widgets_follow_the_client_rules(pack):
 
     gen = pack.NODE_CLASS_MAPPINGS["Qwen2VLFluxGenerate"].INPUT_TYPES()["required"]
     assert gen["mode"][0] == [m.value for m in Mode]
-    assert gen["aspect_ratio"][0] == list(ASPECT_RATIOS)
+    assert gen["aspect_ratio"][0] == ["auto", *ASPECT_RATIOS] and gen["aspect_ratio"][1]["default"] == "auto"
     for key in ("steps", "guidance", "strength", "depth_strength", "line_strength", "corrected_controlnet"):
         assert gen[key][1]["default"] == DEFAULTS[key]
     enc = pack.NODE_CLASS_MAPPINGS["Qwen2VLFluxEncode"].INPUT_TYPES()["required"]
@@ -343,6 +343,9 @@ def test_inpaint_takes_a_mask_of_another_size(nodes, services):
     mask[8:24, 8:24] = 1.0                       # (H, W), white = repaint; resized to image a
     images, _ = gen.generate(services, bundle, "inpaint", image=_tensor(A), mask=mask, **GEN)
     _assert_image(images, 1, 64, 64)
+    # Another shape: the generator's one mask rule refuses it, naming both sizes, before any call.
+    with pytest.raises(ValueError, match="mask is 32x16 but image a is 64x64"):
+        gen.generate(services, bundle, "inpaint", image=_tensor(A), mask=torch.zeros(16, 32), **GEN)
     with pytest.raises(ValueError, match="MASK"):
         gen.generate(services, bundle, "inpaint", image=_tensor(A), **GEN)
 
