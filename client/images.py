@@ -117,10 +117,15 @@ def fit_mask(mask: Image.Image, image_size: tuple[int, int], native_size: int | 
     rule, in the reference's order, so a mask of image a's own size stays exact; another
     aspect ratio is refused, naming both sizes as the user sent them."""
     if mask.size != tuple(image_size):
-        if not same_aspect_ratio(mask.size, image_size):
-            (mw, mh), (w, h) = mask.size, image_size
-            raise InvalidArgument("mask", f"mask is {mw}x{mh} but image a is {w}x{h}: a mask needs image a's "
-                                          f"aspect ratio (it is resized to {w}x{h}); send a {w}x{h} mask "
-                                          "or one of the same shape")
+        check_mask_size(mask.size, image_size)
         mask = mask.resize(tuple(image_size), Image.LANCZOS)
     return resize_for_generation(mask, native_size)
+
+
+def check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int]) -> None:
+    """fit_mask's refusal, for callers that check before sending."""
+    if not same_aspect_ratio(mask_size, image_size):
+        (mw, mh), (w, h) = mask_size, image_size
+        raise InvalidArgument("mask", f"mask is {mw}x{mh} but image a is {w}x{h}: a mask needs image a's "
+                                      f"aspect ratio (it is resized to {w}x{h}); send a {w}x{h} mask "
+                                      "or one of the same shape")
