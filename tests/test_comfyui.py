@@ -266,7 +266,7 @@ def test_manager_install_from_the_git_url_in_a_scratch_comfyui(tmp_path):
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     venv = tmp_path / "comfyui-venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
     python = str(venv / "bin" / "python")
     clone = tmp_path / "ComfyUI" / "custom_nodes" / "qwen2vl-flux"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
