@@ -236,7 +236,7 @@ class Client:
             effective, _ = resolve_parameters(mode, dict(params, seed=params.get("seed") or 0))
             kinds = [kind for kind, _, _ in control_maps_used(effective)]
             if ("depth" in kinds and params.get("depth") is None and params.get("line") is not False
-                    and not self._encoder_makes_depth()):
+                    and not self.encoder_makes_depth()):
                 # Depth was a default, not a request, and nothing here can make it: the line map alone.
                 params.update(depth=False, line=True)
                 kinds = ["line"]
@@ -249,7 +249,8 @@ class Client:
         result.notes.extend(notes)
         return result
 
-    def _encoder_makes_depth(self) -> bool:
+    def encoder_makes_depth(self) -> bool:
+        """Whether the encoder has a depth model (GetInfo, asked once per client)."""
         if self._encoder_info is None:
             self._encoder_info = self._call("encoder", self._encoder.GetInfo,
                                             pb.GetInfoRequest(request_id=uuid.uuid4().hex))

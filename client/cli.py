@@ -165,7 +165,12 @@ def _again(args, seed: int) -> str:
 
 def cmd_control_maps(args) -> int:
     with _client(args) as client:
-        result = client.control_maps(args.input, kinds=args.kinds, line_detector=args.line_detector,
+        kinds = args.kinds
+        if kinds is None:   # what this encoder can make
+            kinds = ["depth", "line"] if client.encoder_makes_depth() else ["line"]
+            if kinds == ["line"]:
+                print(f"note: the encoder at {args.encoder} has no depth model: the line map only", file=sys.stderr)
+        result = client.control_maps(args.input, kinds=kinds, line_detector=args.line_detector,
                                      denoise_radius=args.denoise_radius)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -340,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     maps = command("control-maps", help="write the depth and line maps the ControlNet modes would use")
     maps.add_argument("--input", required=True, help="image a")
     maps.add_argument("--out", default="out", help="directory for the maps")
-    maps.add_argument("--kinds", nargs="+", default=["depth", "line"], choices=["depth", "line"], help="maps to make")
+    maps.add_argument("--kinds", nargs="+", default=None, choices=["depth", "line"],
+                      help="maps to make (default: depth and line, or line alone from an encoder without a depth model)")
     maps.add_argument("--line-detector", default="auto", choices=["auto", "anyline", "canny"],
                       help="auto: Anyline when the checkpoint has its weights, else canny")
     maps.add_argument("--denoise-radius", type=float, default=None, help="Gaussian blur of the maps, in pixels")

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -117,3 +116,25 @@ def test_one_mask_rule_resize_to_image_a_or_refuse_naming_both_sizes(client):
         client.inpaint(a, mask=_rect_mask(100, 50), **common)
     assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "mask is 100x50 but image a is 100x80" in error.value.details
+
+
+def test_every_help_shows_its_defaults(capsys, monkeypatch):
+    from qwen2vl_flux.client.cli import main
+    from qwen2vl_flux.serving.server import base_parser
+
+    monkeypatch.delenv("QWEN2VL_FLUX_ENCODER", raising=False)
+    monkeypatch.delenv("QWEN2VL_FLUX_GENERATOR", raising=False)
+    expected = {"serve": ["(default: 127.0.0.1:50051)", "(default: 127.0.0.1:50052)", "(default: text)",
+                          "QWEN2VL_FLUX_ENCODER"],
+                "generate": ["(default: 127.0.0.1:50051)", "(default: 127.0.0.1:50052)", "(default: 28)",
+                             "default: 3.5", "(default: 0.8)", "(default: 600.0)", "QWEN2VL_FLUX_GENERATOR"],
+                "demo": ["(default: 28)", "(default: out)"]}
+    for command, needles in expected.items():
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for needle in needles:
+            assert needle in text, (command, needle)
+    server_help = " ".join(base_parser("generator", 50052).format_help().split())
+    assert "(default: 50052)" in server_help and "(default: 127.0.0.1)" in server_help
+    assert "(default: json)" in server_help and "(default: None)" not in server_help
