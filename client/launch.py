@@ -82,13 +82,17 @@ class ServerProcess:
                 if status == health_pb2.HealthCheckResponse.SERVING:
                     return self
             time.sleep(0.1)
-        raise ServerFailed(f"{self.role} did not report SERVING within {timeout:.0f} s; log: {self.log_path}\n"
-                           f"{self.log_tail()}")
+        raise ServerFailed(f"{self.role} did not report SERVING within {timeout:.0f} s; {self._where_logs()}")
 
     def _check_alive(self) -> None:
         if self.process is None or self.process.poll() is not None:
             code = None if self.process is None else self.process.returncode
-            raise ServerFailed(f"{self.role} exited with code {code}; log: {self.log_path}\n{self.log_tail()}")
+            raise ServerFailed(f"{self.role} exited with code {code}; {self._where_logs()}")
+
+    def _where_logs(self) -> str:
+        if self.inherit_output:
+            return "its log is above"
+        return f"log: {self.log_path}\n{self.log_tail()}"
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -356,9 +356,13 @@ async def serve(args: argparse.Namespace, role: str, service_name: str,
     await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     credentials = _server_credentials(args)
     address = f"{args.host}:{args.port}"
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # grpc raises where it used to return 0
+        port = 0
     if port == 0:
-        raise SystemExit(f"cannot listen on {address}")
+        raise SystemExit(f"cannot listen on {address}: the port is taken (another server running?) or the host "
+                         "is not an address of this machine; choose another with --host / --port")
     servers = [server]
     if args.health_port is not None:
         probe = grpc.aio.server()
