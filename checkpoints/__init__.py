@@ -7,8 +7,13 @@ dimension from the configs and tensor shapes found here.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
+
+# Ours, beside the published layout (which has none): {"native_size": 128} for a model
+# trained at 128x128. Absent means FLUX.1-dev's 1024 (its aspect-ratio table, 1.05 MP).
+NATIVE_SIZE_FILE = "qwen2vl-flux.json"
 
 
 class CheckpointError(RuntimeError):
@@ -74,6 +79,22 @@ class CheckpointLayout:
     @property
     def anyline(self) -> Path:
         return self.root / "anyline" / "MTEED.pth"
+
+    @property
+    def native_size(self) -> int | None:
+        """The side the model was trained at, if the checkpoint declares one."""
+        path = self.root / NATIVE_SIZE_FILE
+        if not path.exists():
+            return None
+        try:
+            value = json.loads(path.read_text()).get("native_size")
+        except (ValueError, AttributeError) as e:
+            raise CheckpointError(f"{path} is not a JSON object: {e}") from None
+        if value is None:
+            return None
+        if not isinstance(value, int) or value <= 0 or value % 16:
+            raise CheckpointError(f"{path}: native_size must be a positive multiple of 16, got {value!r}")
+        return value
 
     def require(self, *paths: Path) -> None:
         missing = [str(p.relative_to(self.root)) for p in paths if not p.exists()]

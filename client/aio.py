@@ -16,7 +16,7 @@ from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
 
 from .api import (ControlMaps, GenerationEvents, GenerationResult, ImageLike, ServiceError, control_kinds,
-                  control_maps_from_proto, control_maps_request, encode_request, generate_request)
+                  control_maps_from_proto, control_maps_request, encode_request, generate_request, service_error)
 from .channels import ENCODER_SERVICE, GENERATOR_SERVICE, TLSFiles, open_channel
 from .modes import Focus, Mode
 from .wire import MAX_MESSAGE_BYTES
@@ -41,6 +41,7 @@ class AsyncClient:
         self._encoder = pb_grpc.EncoderStub(self._channels[0])
         self._generator = pb_grpc.GeneratorStub(self._channels[1])
         self.addresses = {"encoder": encoder, "generator": generator}
+        self._encoder_info: pb.ServerInfo | None = None
 
     async def close(self) -> None:
         for channel in self._channels:
@@ -53,7 +54,7 @@ class AsyncClient:
         await self.close()
 
     def _error(self, service: str, error: grpc.RpcError) -> ServiceError:
-        return ServiceError(f"{service} at {self.addresses[service]}", error.code(), error.details())
+        return service_error(service, self.addresses[service], error)
 
     async def _call(self, service: str, method, request, timeout: float | None = None):
         try:
@@ -119,13 +120,20 @@ class AsyncClient:
         mode = Mode.parse(mode)
         bundle = await self.encode(image, reference=reference if mode is not Mode.VARIATION else None,
                                    prompt=prompt, focus=focus, mode=mode, request_id=request_id)
+        notes = []
         if mode.uses_controlnet and control_maps is None:
-            control_maps = (await self.control_maps(image, control_kinds(mode, params), line_detector=line_detector,
+            if self._encoder_info is None:
+                self._encoder_info = (await self.info())["encoder"]
+            kinds, notes = control_kinds(mode, params, lambda: self._encoder_info.depth_available,
+                                         self.addresses["encoder"])
+            control_maps = (await self.control_maps(image, kinds, line_detector=line_detector,
                                                     request_id=request_id)).maps
-        return await self.generate(bundle, mode=mode, image=None if mode is Mode.VARIATION else image,
-                                   mask=mask if mode.uses_mask else None, control_maps=control_maps,
-                                   mask_from_alpha=mask_from_alpha, progress=progress, output_format=output_format,
-                                   request_id=request_id, timeout=timeout, preview_every=preview_every, **params)
+        result = await self.generate(bundle, mode=mode, image=None if mode is Mode.VARIATION else image,
+                                     mask=mask if mode.uses_mask else None, control_maps=control_maps,
+                                     mask_from_alpha=mask_from_alpha, progress=progress, output_format=output_format,
+                                     request_id=request_id, timeout=timeout, preview_every=preview_every, **params)
+        result.notes.extend(notes)
+        return result
 
     async def variation(self, image: ImageLike, **kwargs) -> GenerationResult:
         return await self.run(Mode.VARIATION, image, **kwargs)

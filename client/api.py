@@ -50,6 +50,7 @@ class GenerationResult:
     request_id: str
     timings: dict = field(default_factory=dict)
     format: str = "png"
+    notes: list[str] = field(default_factory=list)   # what the client decided for the caller, and why
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Client:
         self._encoder = pb_grpc.EncoderStub(self._channels[0])
         self._generator = pb_grpc.GeneratorStub(self._channels[1])
         self.addresses = {"encoder": encoder, "generator": generator}
+        self._encoder_info: pb.ServerInfo | None = None
 
     def close(self) -> None:
         for channel in self._channels:
@@ -100,7 +102,7 @@ class Client:
         self.close()
 
     def _error(self, service: str, error: grpc.RpcError) -> ServiceError:
-        return ServiceError(f"{service} at {self.addresses[service]}", error.code(), error.details())
+        return service_error(service, self.addresses[service], error)
 
     def _call(self, service: str, method, request, timeout: float | None = None):
         try:
@@ -173,11 +175,22 @@ class Client:
                                               "preview_every") if k in params}
         bundle = self.encode(image, reference=reference, prompt=prompt, focus=focus, mode=mode,
                              request_id=options.get("request_id"))
+        notes = []
         if mode.uses_controlnet and control_maps is None:
-            control_maps = self.control_maps(image, control_kinds(mode, params), line_detector=line_detector).maps
-        return self.generate(bundle, mode=mode, image=None if mode is Mode.VARIATION else image, mask=mask,
-                             control_maps=control_maps, mask_from_alpha=mask_from_alpha, progress=progress,
-                             **options, **params)
+            kinds, notes = control_kinds(mode, params, self.encoder_makes_depth, self.addresses["encoder"])
+            control_maps = self.control_maps(image, kinds, line_detector=line_detector).maps
+        result = self.generate(bundle, mode=mode, image=None if mode is Mode.VARIATION else image, mask=mask,
+                               control_maps=control_maps, mask_from_alpha=mask_from_alpha, progress=progress,
+                               **options, **params)
+        result.notes.extend(notes)
+        return result
+
+    def encoder_makes_depth(self) -> bool:
+        """Whether the encoder has a depth model (GetInfo, asked once per client)."""
+        if self._encoder_info is None:
+            self._encoder_info = self._call("encoder", self._encoder.GetInfo,
+                                            pb.GetInfoRequest(request_id=uuid.uuid4().hex))
+        return self._encoder_info.depth_available
 
     def variation(self, image: ImageLike, prompt: str = "", focus=None, progress=None, **params):
         return self._run(Mode.VARIATION, image, None, prompt, focus, progress, None, params)
@@ -283,10 +296,18 @@ def control_maps_from_proto(response: pb.ControlMapsResponse) -> ControlMaps:
     return ControlMaps(maps, detectors)
 
 
-def control_kinds(mode: Mode, params: dict) -> list[str]:
-    """The control maps a ControlNet request needs the encoder to compute."""
+def control_kinds(mode: Mode, params: dict, makes_depth: Callable[[], bool],
+                  encoder: str) -> tuple[list[str], list[str]]:
+    """The control maps a ControlNet request needs the encoder to compute, and notes for the
+    caller. When depth is only a default and the encoder has no depth model, the line map
+    alone is used (`params` updated) and a note says so."""
     effective, _ = resolve_parameters(mode, dict(params, seed=params.get("seed") or 0))
-    return [kind for kind, _, _ in control_maps_used(effective)]
+    kinds = [kind for kind, _, _ in control_maps_used(effective)]
+    if "depth" in kinds and params.get("depth") is None and params.get("line") is not False and not makes_depth():
+        params.update(depth=False, line=True)
+        return ["line"], [f"the encoder at {encoder} has no depth model: the line map only (depth=False); "
+                          "send a depth map to use one"]
+    return kinds, []
 
 
 class GenerationEvents:
@@ -320,6 +341,28 @@ class GenerationEvents:
         return GenerationResult(self.images, self.data, int(effective["seed"]), effective,
                                 list(summary.ignored_parameters), summary.request_id, timings,
                                 output_format.lower())
+
+
+def service_error(service: str, address, error: grpc.RpcError) -> ServiceError:
+    """The error a caller sees, with what to do when nothing answers at `address`."""
+    details = error.details() or ""
+    if error.code() == grpc.StatusCode.UNAVAILABLE and _no_connection(details):
+        details += f"; {unavailable_hint(service, address)}"
+    return ServiceError(f"{service} at {address}", error.code(), details)
+
+
+def _no_connection(details: str) -> bool:
+    """gRPC's own words for "nothing listens there" (our servers' UNAVAILABLE say loading or draining)."""
+    text = details.lower()
+    return "connect" in text or "backends failing" in text or "dns resolution failed" in text
+
+
+def unavailable_hint(service: str, address) -> str:
+    """What to do when nothing answers at `address`."""
+    text = address if isinstance(address, str) else ",".join(address)
+    port = text.rsplit(":", 1)[-1] if ":" in text else "PORT"
+    return (f"is the {service} running at {text}? start both servers with `qwen2vl-flux serve` (the demo model), "
+            f"or this one with `qwen2vl-flux-{service} --checkpoints DIR --port {port}`")
 
 
 def _cancel_when_set(call: grpc.Future, event: threading.Event) -> None:

@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
+import shlex
+import signal
 import sys
+import time
 from pathlib import Path
 
 from .api import Client, GenerationResult, ServiceError
 from .errors import InvalidArgument
-from .modes import ASPECT_RATIOS, Focus, Mode
+from .help_format import DefaultsHelpFormatter
+from .modes import ASPECT_RATIOS, DEFAULTS, Focus, Mode
 
 DEFAULT_TINY_DIR = Path.home() / ".cache" / "qwen2vl-flux" / "tiny"
 # A held-out generated scene (training/scenes.py, HELD_OUT_SEED), never seen in training.
@@ -23,42 +28,62 @@ def demo_model_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "demo"
 
 
-def _progress_bar(description: str):
-    from tqdm import tqdm
+ENCODER_ENV, GENERATOR_ENV = "QWEN2VL_FLUX_ENCODER", "QWEN2VL_FLUX_GENERATOR"
+DEFAULT_ENCODER, DEFAULT_GENERATOR = "127.0.0.1:50051", "127.0.0.1:50052"
 
-    bar = tqdm(total=0, desc=description, unit="step", leave=False)
+
+def default_addresses() -> tuple[str, str]:
+    """Where `serve` listens and the other commands connect, unless told otherwise."""
+    return os.environ.get(ENCODER_ENV, DEFAULT_ENCODER), os.environ.get(GENERATOR_ENV, DEFAULT_GENERATOR)
+
+
+def _progress_bar(description: str):
+    """The bar appears with the first step, so a call that fails earlier prints none."""
+    bar = None
 
     def update(progress) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=progress.total, desc=description, unit="step", leave=False)
         bar.total = progress.total
         bar.n = progress.step
         bar.refresh()
 
-    return bar, update
+    def close() -> None:
+        if bar is not None:
+            bar.close()
+
+    return close, update
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", default="")
+    p.add_argument("--prompt", default="", help="text for T5 (default: none)")
     p.add_argument("--seed", type=int, default=None, help="default: random, printed and stored in the PNG")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--image-count", type=int, default=None)
-    p.add_argument("--aspect-ratio", default=None, choices=list(ASPECT_RATIOS))
-    p.add_argument("--width", type=int, default=None, help="variation: explicit size (multiple of 16)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--center-x", type=float, default=None, help="focus circle (all three or none)")
-    p.add_argument("--center-y", type=float, default=None)
-    p.add_argument("--radius", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None, help=f"denoise steps (default: {DEFAULTS['steps']})")
+    p.add_argument("--guidance", type=float, default=None, help=f"default: {DEFAULTS['guidance']}")
+    p.add_argument("--image-count", type=int, default=None, help=f"default: {DEFAULTS['image_count']}")
+    p.add_argument("--aspect-ratio", default=None, choices=list(ASPECT_RATIOS),
+                   help=f"variation (default: {DEFAULTS['aspect_ratio']}); sizes scale to the model's native size")
+    p.add_argument("--width", type=int, default=None,
+                   help="variation: explicit size, multiple of 16 (default: the model's native size)")
+    p.add_argument("--height", type=int, default=None, help="with --width")
+    p.add_argument("--center-x", type=float, default=None, help="focus circle (all three or none; default: none)")
+    p.add_argument("--center-y", type=float, default=None, help="focus centre, 0..1")
+    p.add_argument("--radius", type=float, default=None, help="focus radius, (0, 1]")
     p.add_argument("--out", default="out", help="directory for the images")
-    p.add_argument("--format", default="png", choices=["png", "webp", "jpeg", "raw"])
+    p.add_argument("--format", default="png", choices=["png", "webp", "jpeg", "raw"], help="image format")
 
 
 def _add_connection_args(p: argparse.ArgumentParser, generator: bool = True) -> None:
     env = os.environ.get
-    p.add_argument("--encoder", default=env("QWEN2VL_FLUX_ENCODER", "127.0.0.1:50051"),
-                   help="host:port, several comma-separated, or dns:///name:port (env QWEN2VL_FLUX_ENCODER)")
+    encoder, generator_address = default_addresses()
+    p.add_argument("--encoder", default=encoder,
+                   help=f"host:port, several comma-separated, or dns:///name:port (env {ENCODER_ENV})")
     if generator:
-        p.add_argument("--generator", default=env("QWEN2VL_FLUX_GENERATOR", "127.0.0.1:50052"),
-                       help="likewise (env QWEN2VL_FLUX_GENERATOR)")
+        p.add_argument("--generator", default=generator_address,
+                       help=f"likewise (env {GENERATOR_ENV})")
     p.add_argument("--token-file", default=env("QWEN2VL_FLUX_TOKEN_FILE"),
                    help="bearer token file (env QWEN2VL_FLUX_TOKEN_FILE, or the token in QWEN2VL_FLUX_TOKEN)")
     p.add_argument("--tls-ca", default=None, help="PEM CA that signed the servers' certificates")
@@ -106,12 +131,12 @@ def _generate(client: Client, args, description: str = "denoise") -> GenerationR
         kwargs.update(mask=args.mask, mask_from_alpha=args.mask is None)
     if mode.uses_controlnet:
         kwargs.update(control_maps=_control_map_args(args.control_map), line_detector=args.line_detector)
-    bar, update = _progress_bar(description)
+    close, update = _progress_bar(description)
     try:
         return client.run(mode, args.input, progress=update, output_format=args.format, **kwargs,
                           **{k: v for k, v in params.items() if v is not None})
     finally:
-        bar.close()
+        close()
 
 
 def cmd_generate(args) -> int:
@@ -119,13 +144,33 @@ def cmd_generate(args) -> int:
         result = _generate(client, args)
     for path in _write(result, Path(args.out), Path(args.input).stem):
         print(path)
-    print(f"seed {result.seed}", file=sys.stderr)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"seed {result.seed}; the same again: {_again(args, result.seed)}", file=sys.stderr)
     return 0
+
+
+def _again(args, seed: int) -> str:
+    """The command line that was run, with its seed fixed: it paints the same image."""
+    argv, kept, skip = list(args.argv), [], False
+    for i, word in enumerate(argv):
+        if skip:
+            skip = False
+        elif word == "--seed":
+            skip = True
+        elif not word.startswith("--seed="):
+            kept.append(word)
+    return shlex.join(["qwen2vl-flux", *kept, "--seed", str(seed)])
 
 
 def cmd_control_maps(args) -> int:
     with _client(args) as client:
-        result = client.control_maps(args.input, kinds=args.kinds, line_detector=args.line_detector,
+        kinds = args.kinds
+        if kinds is None:   # what this encoder can make
+            kinds = ["depth", "line"] if client.encoder_makes_depth() else ["line"]
+            if kinds == ["line"]:
+                print(f"note: the encoder at {args.encoder} has no depth model: the line map only", file=sys.stderr)
+        result = client.control_maps(args.input, kinds=kinds, line_detector=args.line_detector,
                                      denoise_radius=args.denoise_radius)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,40 +229,111 @@ def cmd_demo(args) -> int:
                              f"(checkpoints/demo); pass --checkpoints DIR, or --random-tiny for random weights")
     with Image.open(args.input) as picture:
         picture.load()
-    if args.width is None and args.height is None and args.aspect_ratio is None:
-        # the demo model knows one size: its training scenes'; a variation the input's size
-        args.width, args.height = (max(16, side - side % 16) for side in picture.size)
+    # No size given: the model's own (the demo model declares 128, its training scenes' size).
     with serving_pair(checkpoints, lambda server: print(f"{server.role} serving on {server.address}",
                                                         file=sys.stderr)) as (encoder, generator):
         with Client(encoder=encoder.address, generator=generator.address, timeout=args.timeout) as client:
-            result = _generate(client, args, description="variation")
+            result = _generate(client, args)
     out = Path(args.out)
     for path in _write(result, out, "demo"):
         print(path)
     pair = out / f"demo-{result.seed}-side-by-side.png"
     side_by_side([picture], result.images).save(pair)
     print(pair)
+    print(f"seed {result.seed}; the same picture again: {_again(args, result.seed)}", file=sys.stderr)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qwen2vl-flux", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _listen_address(address: str, option: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or "/" in address or "," in address:
+        raise InvalidArgument(option, f"{option} must be HOST:PORT to listen on, got {address!r}")
+    return host.strip("[]"), int(port)
 
-    gen = sub.add_parser("generate", help="encode an image and generate from it")
-    gen.add_argument("--mode", default=Mode.VARIATION.value, choices=[m.value for m in Mode])
+
+def cmd_serve(args) -> int:
+    """Both servers in the foreground, logs on this terminal; Ctrl-C (or SIGTERM) stops both."""
+    from .launch import ServerFailed, ServerProcess
+
+    checkpoints = Path(args.checkpoints) if args.checkpoints else demo_model_dir()
+    if not (checkpoints / "flux").exists():
+        raise SystemExit(f"no checkpoint at {checkpoints}: pass --checkpoints DIR in the published layout")
+    servers = []
+    for role, address, option in (("encoder", args.encoder, "--encoder"), ("generator", args.generator,
+                                                                         "--generator")):
+        host, port = _listen_address(address, option)
+        servers.append(ServerProcess(role, checkpoints, "--log-format", args.log_format, host=host, port=port,
+                                     inherit_output=True))
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    # Set both: a shell's background job starts with SIGINT ignored.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_serving(timeout=args.start_timeout)
+        encoder, generator = (server.address for server in servers)
+        flags = "" if (encoder, generator) == (DEFAULT_ENCODER, DEFAULT_GENERATOR) else \
+            f" --encoder {encoder} --generator {generator}"
+        print(f"serving {checkpoints}: encoder on {encoder}, generator on {generator}; Ctrl-C stops both\n"
+              f"try: qwen2vl-flux generate --input IMAGE{flags}", flush=True)   # stderr: the servers' logs
+        while True:
+            for server in servers:
+                if server.process.poll() is not None:
+                    print(f"{server.role} exited with code {server.process.returncode}; stopping",
+                          file=sys.stderr)
+                    return 1
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        return 0
+    except ServerFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for server in servers:   # both drain at once
+            if server.process is not None and server.process.poll() is None:
+                server.process.terminate()
+        for server in servers:
+            server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qwen2vl-flux", description=__doc__, formatter_class=DefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    command = functools.partial(sub.add_parser, formatter_class=DefaultsHelpFormatter)
+
+    serve = command("serve", help="both servers in one command (the demo model by default, loopback); "
+                                  "Ctrl-C stops both")
+    serve.add_argument("--checkpoints", default=None,
+                       help="default: the trained demo model in the package, " + str(demo_model_dir()))
+    encoder, generator = default_addresses()
+    serve.add_argument("--encoder", default=encoder,
+                       help=f"HOST:PORT the encoder listens on (env {ENCODER_ENV})")
+    serve.add_argument("--generator", default=generator,
+                       help=f"HOST:PORT the generator listens on (env {GENERATOR_ENV})")
+    serve.add_argument("--log-format", default="text", choices=["text", "json"], help="the servers' logs")
+    serve.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for both to serve")
+    serve.set_defaults(func=cmd_serve)
+
+    gen = command("generate", help="encode an image and generate from it")
+    gen.add_argument("--mode", default=Mode.VARIATION.value, choices=[m.value for m in Mode], help="what to do")
     gen.add_argument("--input", required=True, help="image a")
     gen.add_argument("--reference", default=None, help="image b (modes other than variation)")
     gen.add_argument("--mask", default=None,
                      help="inpaint modes: white = repaint (default: the input's alpha channel)")
-    gen.add_argument("--strength", type=float, default=None, help="how much of image a is repainted, (0, 1]")
+    gen.add_argument("--strength", type=float, default=None, help=f"how much of image a is repainted, (0, 1] (default: {DEFAULTS['strength']})")
     gen.add_argument("--depth", action=argparse.BooleanOptionalAction, default=None,
                      help="ControlNet modes: use the depth map (with neither depth nor line, both are used)")
     gen.add_argument("--line", action=argparse.BooleanOptionalAction, default=None,
                      help="ControlNet modes: use the line map")
-    gen.add_argument("--depth-strength", type=float, default=None)
-    gen.add_argument("--line-strength", type=float, default=None)
-    gen.add_argument("--line-detector", default="auto", choices=["auto", "anyline", "canny"])
+    gen.add_argument("--depth-strength", type=float, default=None, help=f"default: {DEFAULTS['depth_strength']}")
+    gen.add_argument("--line-strength", type=float, default=None, help=f"default: {DEFAULTS['line_strength']}")
+    gen.add_argument("--line-detector", default="auto", choices=["auto", "anyline", "canny"],
+                     help="auto: Anyline when the checkpoint has its weights, else canny")
     gen.add_argument("--control-map", action="append", metavar="KIND=IMG",
                      help="a ready-made map (depth=IMG or line=IMG) instead of computing it")
     gen.add_argument("--corrected-controlnet", action="store_true", default=None,
@@ -226,37 +342,41 @@ def main(argv: list[str] | None = None) -> int:
     _add_generation_args(gen)
     gen.set_defaults(func=cmd_generate)
 
-    maps = sub.add_parser("control-maps", help="write the depth and line maps the ControlNet modes would use")
-    maps.add_argument("--input", required=True)
-    maps.add_argument("--out", default="out")
-    maps.add_argument("--kinds", nargs="+", default=["depth", "line"], choices=["depth", "line"])
-    maps.add_argument("--line-detector", default="auto", choices=["auto", "anyline", "canny"])
+    maps = command("control-maps", help="write the depth and line maps the ControlNet modes would use")
+    maps.add_argument("--input", required=True, help="image a")
+    maps.add_argument("--out", default="out", help="directory for the maps")
+    maps.add_argument("--kinds", nargs="+", default=None, choices=["depth", "line"],
+                      help="maps to make (default: depth and line, or line alone from an encoder without a depth model)")
+    maps.add_argument("--line-detector", default="auto", choices=["auto", "anyline", "canny"],
+                      help="auto: Anyline when the checkpoint has its weights, else canny")
     maps.add_argument("--denoise-radius", type=float, default=None, help="Gaussian blur of the maps, in pixels")
     _add_connection_args(maps, generator=False)
     maps.set_defaults(func=cmd_control_maps)
 
-    convert = sub.add_parser("convert-depth-anything",
+    convert = command("convert-depth-anything",
                              help="convert the original depth_anything_v2_vitl.pth to the Hugging Face format")
     convert.add_argument("pth")
     convert.add_argument("out")
     convert.set_defaults(func=cmd_convert_depth)
 
-    tiny = sub.add_parser("make-tiny-checkpoints", help="write the tiny random-weight preset")
+    tiny = command("make-tiny-checkpoints", help="write the tiny random-weight preset")
     tiny.add_argument("dir")
     tiny.set_defaults(func=cmd_make_tiny)
 
-    demo = sub.add_parser("demo", help="the trained demo model end to end: both servers, one variation, "
+    demo = command("demo", help="the trained demo model end to end: both servers, one variation, "
                                        "the image and input|output side by side")
     demo.add_argument("--checkpoints", default=None,
                       help="default: the trained demo model in the package (with --random-tiny: "
                            f"the random tiny preset, made in {DEFAULT_TINY_DIR} if missing)")
     demo.add_argument("--random-tiny", action="store_true", help="random tiny weights instead (machinery only)")
     demo.add_argument("--input", default=str(DEMO_INPUT), help="default: a held-out generated scene")
-    demo.add_argument("--timeout", type=float, default=600.0)
+    demo.add_argument("--timeout", type=float, default=600.0, help="deadline of each call, in seconds")
     _add_generation_args(demo)
     demo.set_defaults(func=cmd_demo)
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (ServiceError, InvalidArgument, FileNotFoundError) as e:

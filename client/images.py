@@ -15,16 +15,33 @@ DEFAULT_MAX_PIXELS = 40_000_000
 
 
 def image_bytes(image: "Image.Image | bytes | str | Path") -> bytes:
-    """Bytes to send for an image: files as they are (lossless, smallest), PIL images as PNG."""
+    """Bytes to send for an image: files as they are (lossless, smallest), PIL images as PNG.
+    A file that is not an image is refused here, by its name, before anything travels."""
     if isinstance(image, bytes):
         return image
     if isinstance(image, (str, Path)):
-        return Path(image).read_bytes()
+        data = Path(image).read_bytes()
+        check_readable(data, str(image))
+        return data
     if isinstance(image, Image.Image):
         buf = io.BytesIO()
         image.save(buf, format="PNG", compress_level=1)
         return buf.getvalue()
     raise TypeError(f"expected a PIL image, bytes or a path, got {type(image).__name__}")
+
+
+def check_readable(data: bytes, name: str) -> None:
+    """The header only: is this a format Pillow reads? (cheap; decoding is the server's job)."""
+    if not data:
+        raise InvalidArgument(name, f"{name} is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)):
+            pass
+    except Image.UnidentifiedImageError:
+        raise InvalidArgument(name, f"{name} is not an image file Pillow can read (it starts with "
+                                    f"{data[:12]!r}); give a PNG, JPEG or WebP file") from None
+    except Exception as e:  # noqa: BLE001 - a truncated header and the like
+        raise InvalidArgument(name, f"{name} is not a readable image ({type(e).__name__}: {e})") from None
 
 
 def decode_image(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -57,6 +74,9 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InvalidArgument(name, f"{name} refused as a decompression bomb: {e}") from None
+    except Image.UnidentifiedImageError:  # its message names a BytesIO object, not the upload
+        raise InvalidArgument(name, f"{name} is not a readable image: its bytes (starting {data[:12]!r}) are "
+                                    "in no format this server decodes; send PNG, JPEG or WebP") from None
     except Exception as e:  # PIL raises many types for corrupt data
         raise InvalidArgument(name, f"{name} is not a readable image ({type(e).__name__}: {e})") from None
     if image.size[0] == 0 or image.size[1] == 0:
@@ -78,8 +98,34 @@ def alpha_mask(data: bytes, name: str = "init_image", max_pixels: int = DEFAULT_
     return ImageOps.invert(image.convert("RGBA").getchannel("A"))
 
 
-def resize_for_generation(image: Image.Image) -> Image.Image:
+def resize_for_generation(image: Image.Image, native_size: int | None = None) -> Image.Image:
     """The reference's resize of image a (and its mask and control maps) before
-    generation: at most 1.05 MP, sides floored to multiples of 8, LANCZOS."""
-    size = generation_size(*image.size)
+    generation: at most 1.05 MP (or the model's native area), sides floored to multiples of 8, LANCZOS."""
+    size = generation_size(*image.size, native_size)
     return image if size == image.size else image.resize(size, Image.LANCZOS)
+
+
+def same_aspect_ratio(size: tuple[int, int], other: tuple[int, int]) -> bool:
+    """Equal shapes up to rounding: scaled to the wider one, the heights differ by under a pixel."""
+    (w, h), (ow, oh) = size, other
+    return abs(w * oh - h * ow) < max(w, ow)
+
+
+def fit_mask(mask: Image.Image, image_size: tuple[int, int], native_size: int | None = None) -> Image.Image:
+    """The one mask rule (generator, library, CLI, ComfyUI nodes): a mask of image a's
+    aspect ratio is resized to image a's size (LANCZOS), then goes through image a's resize
+    rule, in the reference's order, so a mask of image a's own size stays exact; another
+    aspect ratio is refused, naming both sizes as the user sent them."""
+    if mask.size != tuple(image_size):
+        check_mask_size(mask.size, image_size)
+        mask = mask.resize(tuple(image_size), Image.LANCZOS)
+    return resize_for_generation(mask, native_size)
+
+
+def check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int]) -> None:
+    """fit_mask's refusal, for callers that check before sending."""
+    if not same_aspect_ratio(mask_size, image_size):
+        (mw, mh), (w, h) = mask_size, image_size
+        raise InvalidArgument("mask", f"mask is {mw}x{mh} but image a is {w}x{h}: a mask needs image a's "
+                                      f"aspect ratio (it is resized to {w}x{h}); send a {w}x{h} mask "
+                                      "or one of the same shape")

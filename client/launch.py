@@ -23,7 +23,10 @@ class ServerFailed(RuntimeError):
 
 class ServerProcess:
     def __init__(self, role: str, checkpoints: str | Path, *extra_args: str, log_path: str | Path | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, host: str = "127.0.0.1", port: int | None = None,
+                 inherit_output: bool = False):
+        """`port` None picks a free one; `inherit_output` writes the server's logs to this
+        process's terminal instead of `log_path`."""
         if role not in ("encoder", "generator"):
             raise ValueError(f"role must be encoder or generator, got {role!r}")
         self.role, self.checkpoints, self.extra_args = role, str(checkpoints), list(extra_args)
@@ -31,13 +34,14 @@ class ServerProcess:
         self.port_file = Path(self._dir) / "port"
         self.log_path = Path(log_path) if log_path else Path(self._dir) / "server.log"
         self.env = env
+        self.host, self.inherit_output = host, inherit_output
         self.process: subprocess.Popen | None = None
-        self.port: int | None = None
+        self.port: int | None = port
         self._bound = False
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -48,9 +52,12 @@ class ServerProcess:
         self.port_file.unlink(missing_ok=True)
         self._bound = False
         args = [sys.executable, "-m", f"qwen2vl_flux.{self.role}_server", "--checkpoints", self.checkpoints,
-                "--host", "127.0.0.1", "--port", str(self.port or 0), "--port-file", str(self.port_file),
+                "--host", self.host, "--port", str(self.port or 0), "--port-file", str(self.port_file),
                 *self.extra_args]
         env = dict(os.environ, **(self.env or {}))
+        if self.inherit_output:
+            self.process = subprocess.Popen(args, env=env)
+            return self
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         return self
@@ -75,13 +82,17 @@ class ServerProcess:
                 if status == health_pb2.HealthCheckResponse.SERVING:
                     return self
             time.sleep(0.1)
-        raise ServerFailed(f"{self.role} did not report SERVING within {timeout:.0f} s; log: {self.log_path}\n"
-                           f"{self.log_tail()}")
+        raise ServerFailed(f"{self.role} did not report SERVING within {timeout:.0f} s; {self._where_logs()}")
 
     def _check_alive(self) -> None:
         if self.process is None or self.process.poll() is not None:
             code = None if self.process is None else self.process.returncode
-            raise ServerFailed(f"{self.role} exited with code {code}; log: {self.log_path}\n{self.log_tail()}")
+            raise ServerFailed(f"{self.role} exited with code {code}; {self._where_logs()}")
+
+    def _where_logs(self) -> str:
+        if self.inherit_output:
+            return "its log is above"
+        return f"log: {self.log_path}\n{self.log_tail()}"
 
     def log_tail(self, lines: int = 30) -> str:
         try:

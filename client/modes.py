@@ -45,6 +45,9 @@ class Mode(str, Enum):
 ROLE_INPUT = "a"
 ROLE_REFERENCE = "b"
 
+# FLUX.1-dev's sizes. A checkpoint trained at another size declares it (its
+# `native_size`, checkpoints.NATIVE_SIZE_FILE); the table then keeps its shapes at that area.
+REFERENCE_NATIVE_SIZE = 1024
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "1:1": (1024, 1024),
     "16:9": (1344, 768),
@@ -162,12 +165,18 @@ def control_maps_used(params: dict) -> list[tuple[str, int, float]]:
     return maps
 
 
-def generation_size(width: int, height: int) -> tuple[int, int]:
+def max_generation_area(native_size: int | None = None) -> int:
+    """Most pixels image a keeps before generation: the reference's 1.05 MP, or the
+    declared native area (native_size squared) of a model trained at another size."""
+    return MAX_GENERATION_AREA if native_size is None else native_size * native_size
+
+
+def generation_size(width: int, height: int, native_size: int | None = None) -> tuple[int, int]:
     """Size an input image is resized to before generation (non-variation modes):
-    scaled to at most 1.05 MP, each side floored to a multiple of 8."""
-    area = width * height
-    if area > MAX_GENERATION_AREA:
-        scale = math.sqrt(MAX_GENERATION_AREA / area)
+    scaled to at most the model's area (1.05 MP undeclared), each side floored to a multiple of 8."""
+    area, limit = width * height, max_generation_area(native_size)
+    if area > limit:
+        scale = math.sqrt(limit / area)
         width, height = int(width * scale), int(height * scale)
     return width - width % 8, height - height % 8
 
@@ -177,10 +186,20 @@ def output_size(width: int, height: int) -> tuple[int, int]:
     return width - width % 16, height - height % 16
 
 
-def variation_size(params: dict) -> tuple[int, int]:
+def aspect_ratio_size(ratio: str, native_size: int | None = None) -> tuple[int, int]:
+    """The table's size for `ratio`, scaled to the model's native size (sides rounded to
+    multiples of 16, at least 16); the table itself when nothing is declared."""
+    width, height = ASPECT_RATIOS[ratio]
+    if native_size is None or native_size == REFERENCE_NATIVE_SIZE:
+        return width, height
+    scale = native_size / REFERENCE_NATIVE_SIZE
+    return tuple(max(16, 16 * round(side * scale / 16)) for side in (width, height))
+
+
+def variation_size(params: dict, native_size: int | None = None) -> tuple[int, int]:
     if params.get("width") is not None or params.get("height") is not None:
         return int(params["width"]), int(params["height"])
-    return ASPECT_RATIOS[params["aspect_ratio"]]
+    return aspect_ratio_size(params["aspect_ratio"], native_size)
 
 
 def resolve_parameters(mode: Mode, given: dict, max_pixels: int | None = None) -> tuple[dict, list[str]]:

@@ -51,16 +51,13 @@ def pils_to_image(pictures: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).contiguous()
 
 
-def mask_to_pil(mask: torch.Tensor, size: tuple[int, int] | None = None) -> Image.Image:
-    """The first mask of a MASK as a greyscale picture (white = repaint), resized to
-    `size` (image a's size) when it differs."""
+def mask_to_pil(mask: torch.Tensor) -> Image.Image:
+    """The first mask of a MASK as a greyscale picture (white = repaint), at its own size:
+    the generator resizes it to image a by the one mask rule (client.images.fit_mask)."""
     if mask.ndim == 2:
         mask = mask.unsqueeze(0)
     if mask.ndim == 4 and mask.shape[-1] == 1:
         mask = mask[..., 0]
     if mask.ndim != 3 or mask.shape[0] == 0:
         raise ValueError(f"MASK must be (B, H, W) or (H, W), got shape {tuple(mask.shape)}")
-    picture = Image.fromarray(_to_uint8(mask[0].detach().to("cpu", torch.float32).numpy()), "L")
-    if size is not None and picture.size != tuple(size):
-        picture = picture.resize(tuple(size), Image.BILINEAR)
-    return picture
+    return Image.fromarray(_to_uint8(mask[0].detach().to("cpu", torch.float32).numpy()), "L")

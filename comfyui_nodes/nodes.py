@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image, ImageFilter
 
 from qwen2vl_flux.client import Client, Focus, Mode
-from qwen2vl_flux.client.images import image_bytes
+from qwen2vl_flux.client.images import check_mask_size, image_bytes
 from qwen2vl_flux.client.modes import (ASPECT_RATIOS, DEFAULTS, MAX_IMAGE_COUNT, MAX_STEPS, PARAMETERS_USED,
                                        ROLE_INPUT, ROLE_REFERENCE, control_maps_used, focus_role,
                                        resolve_parameters, transformer_role)
@@ -36,6 +36,7 @@ CONTROL_CATEGORY = "Qwen2VL-Flux/control maps"
 
 MODES = [m.value for m in Mode]
 LINE_DETECTORS = ["auto", "anyline", "canny"]
+AUTO_SIZE = "auto"   # aspect_ratio: the model's default size
 TOKEN_ENV = "QWEN2VL_FLUX_TOKEN"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_SIZE = 8192
@@ -239,8 +240,9 @@ class Qwen2VLFluxGenerate:
                 "strength": ("FLOAT", {"default": DEFAULTS["strength"], "min": 0.01, "max": 1.0, "step": 0.01,
                                        "tooltip": "how much of image a is repainted (not in variation)"}),
                 "image_count": ("INT", {"default": DEFAULTS["image_count"], "min": 1, "max": MAX_IMAGE_COUNT}),
-                "aspect_ratio": (list(ASPECT_RATIOS), {"default": DEFAULTS["aspect_ratio"],
-                                                       "tooltip": "variation only"}),
+                "aspect_ratio": ([AUTO_SIZE, *ASPECT_RATIOS], {
+                    "default": AUTO_SIZE, "tooltip": "variation only; auto = the model's own size (128 for the demo "
+                                                     "model, else 1024x1024); a ratio keeps the model's area"}),
                 "width": ("INT", {"default": 0, "min": 0, "max": MAX_SIZE, "step": 16,
                                   "tooltip": "variation only; 0 with height 0 = from aspect_ratio"}),
                 "height": ("INT", {"default": 0, "min": 0, "max": MAX_SIZE, "step": 16,
@@ -277,7 +279,8 @@ class Qwen2VLFluxGenerate:
         if mode is Mode.VARIATION and (width == 0) != (height == 0):
             raise ValueError("Qwen2VL Flux Generate: set both width and height, or both to 0 to use aspect_ratio")
         given = dict(seed=int(seed), steps=int(steps), guidance=float(guidance), strength=float(strength),
-                     image_count=int(image_count), aspect_ratio=aspect_ratio, width=int(width) or None,
+                     image_count=int(image_count), aspect_ratio=None if aspect_ratio == AUTO_SIZE else aspect_ratio,
+                     width=int(width) or None,
                      height=int(height) or None, depth=bool(depth), depth_strength=float(depth_strength),
                      line=bool(line), line_strength=float(line_strength),
                      corrected_controlnet=bool(corrected_controlnet))
@@ -298,7 +301,8 @@ class Qwen2VLFluxGenerate:
         if mode.uses_mask:
             if mask is None:
                 raise ValueError(f"Qwen2VL Flux Generate: mode {mode.value} needs a MASK (white = repaint)")
-            masked = mask_to_pil(mask, init_size)
+            masked = mask_to_pil(mask)
+            check_mask_size(masked.size, init_size)   # the generator's rule, before any bytes travel
         if mode.uses_controlnet:
             needed = [kind for kind, _, _ in control_maps_used(effective)]
             given_maps = {"depth": depth_map, "line": line_map}

@@ -20,9 +20,16 @@ def _add_servicer(server, host, args):
 
 
 def _make_model(args, **kwargs):
+    from qwen2vl_flux.serving.server import log_event
+
     from .model import Qwen2VLFluxEncoder
 
-    return Qwen2VLFluxEncoder(args.checkpoints, random_weights=args.random_weights, **kwargs)
+    encoder = Qwen2VLFluxEncoder(args.checkpoints, random_weights=args.random_weights, **kwargs)
+    control = encoder.control
+    log_event("control maps", line_auto=control.resolve_detector("auto"), line_detectors=control.line_detectors(),
+              depth="depth-anything-v2" if control.depth_available() else "none (depth maps must be sent)",
+              note="" if control.layout.anyline.exists() else f"no {control.layout.anyline}: auto uses canny")
+    return encoder
 
 
 def main(argv: list[str] | None = None) -> int:

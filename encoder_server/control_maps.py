@@ -624,6 +624,11 @@ class ControlMapper:
         return depth.cpu().numpy()
 
     def depth(self, image: Image.Image) -> Image.Image:
+        if not self.depth_available():
+            raise InvalidArgument(
+                "depth", f"this encoder has no depth model ({self.layout.depth_anything} is absent; the demo model "
+                "ships none): send a depth map of your own (CLI --control-map depth=IMG, library "
+                "control_maps={'depth': image}) or leave depth out (--no-depth, depth=False)")
         return depth_to_image(self.depth_array(image))
 
     def resolve_detector(self, detector: str | None = "auto") -> str:

@@ -134,7 +134,7 @@ class EncoderServicer(pb_grpc.EncoderServicer):
             raise InvalidArgument("denoise_radius", f"denoise_radius must be in 0..100 pixels, got {radius}")
         image = await asyncio.to_thread(decode_image, request.image.data, "image", self.max_pixels)
         if request.resize_like_generator:
-            image = resize_for_generation(image)
+            image = resize_for_generation(image, model.layout.native_size)
         async with self.host.turn("ComputeControlMaps"):
             maps = await self.host.run(model.control_maps, image, kinds, detector, radius)
         encoded = await asyncio.to_thread(lambda: [(kind, image_bytes(m), used) for kind, m, used in maps])
@@ -146,4 +146,5 @@ class EncoderServicer(pb_grpc.EncoderServicer):
     async def GetInfo(self, request, context) -> pb.ServerInfo:
         model = self.host.require()
         return server_info("encoder", model, self.args, line_detectors=model.control.line_detectors(),
+                           depth_available=model.control.depth_available(),
                            components=["qwen2-vl", "connector", "t5", "t5_embedder", "clip (pooled of \"\")"])

@@ -154,6 +154,7 @@ class FluxGenerator:
         if not random_weights:
             layout.require(layout.transformer, layout.vae, layout.connector, layout.t5_embedder)
         self.layout, self.device, self.dtype = layout, torch.device(device), dtype
+        self.native_size = layout.native_size  # sizes follow the model's training size when declared
         self.random_weights = random_weights
 
         if random_weights:
@@ -276,9 +277,9 @@ class FluxGenerator:
 
         # 1. Size: the aspect-ratio table for variation, else image a by the resize rule.
         if mode is Mode.VARIATION:
-            width, height = variation_size(params)
+            width, height = variation_size(params, self.native_size)
         else:
-            width, height = generation_size(*job.init_image.size)
+            width, height = generation_size(*job.init_image.size, self.native_size)
         latent_h = 2 * (height // (self.vae_scale_factor * 2))
         latent_w = 2 * (width // (self.vae_scale_factor * 2))
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from qwen2vl_flux.client.errors import InvalidArgument, ModelMismatch
-from qwen2vl_flux.client.images import alpha_mask, decode_image, decode_mask, resize_for_generation
+from qwen2vl_flux.client.images import alpha_mask, decode_image, decode_mask, fit_mask, resize_for_generation
 from qwen2vl_flux.client.modes import (MAX_IMAGE_COUNT, MAX_STEPS, ROLE_INPUT, Mode, control_maps_used,
                                        resolve_parameters, transformer_role)
 from qwen2vl_flux.client.wire import mode_from_proto, params_from_proto, params_to_proto
@@ -125,14 +125,10 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         if mode.uses_init_image:
             if not request.init_image.data:
                 raise InvalidArgument("init_image", f"mode {mode.value} needs image a as init_image")
-            job.init_image = resize_for_generation(decode_image(request.init_image.data, "init_image",
-                                                                self.max_pixels))
+            init = decode_image(request.init_image.data, "init_image", self.max_pixels)
+            job.init_image = resize_for_generation(init, model.native_size)
         if mode.uses_mask:
-            job.mask = resize_for_generation(self._mask(request))
-            if job.mask.size != job.init_image.size:
-                raise InvalidArgument("mask", f"mask is {job.mask.size[0]}x{job.mask.size[1]} after the resize rule "
-                                              f"but image a is {job.init_image.size[0]}x{job.init_image.size[1]}; "
-                                              "send a mask of the image's size")
+            job.mask = fit_mask(self._mask(request), init.size, model.native_size)
         if mode.uses_controlnet:
             job.control_maps = self._control_maps(request, params)
         return job

@@ -9,13 +9,10 @@ import contextlib
 import functools
 import gc
 import hmac
-import json
 import logging
 import os
 import signal
-import sys
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -25,9 +22,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from qwen2vl_flux.client.errors import InvalidArgument
+from qwen2vl_flux.client.help_format import DefaultsHelpFormatter
 from qwen2vl_flux.client.images import DEFAULT_MAX_PIXELS
 from qwen2vl_flux.client.wire import MAX_MESSAGE_BYTES
 
+from .logs import LOG_FORMATS, setup_logging
 from .metrics import Metrics
 
 log = logging.getLogger("qwen2vl_flux")
@@ -52,7 +51,8 @@ class Cancelled(RuntimeError):
 # ------------------------------------------------------------------ arguments
 
 def base_parser(role: str, default_port: int) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"qwen2vl-flux-{role}", description=f"Qwen2VL-Flux {role} gRPC server")
+    p = argparse.ArgumentParser(prog=f"qwen2vl-flux-{role}", description=f"Qwen2VL-Flux {role} gRPC server",
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoints", required=True, help="directory in the published Qwen2VL-Flux layout")
     p.add_argument("--device", default=None, help="torch device (default: see README)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
@@ -63,7 +63,7 @@ def base_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="listen address (loopback unless asked)")
     p.add_argument("--port", type=int, default=default_port, help="0 picks a free port")
     p.add_argument("--port-file", default=None, help="write the bound port here once listening")
-    p.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES)
+    p.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES, help="gRPC message limit, each way")
     p.add_argument("--grace-seconds", type=float, default=30.0,
                    help="on SIGTERM, time given to running requests before exit")
     p.add_argument("--max-queue", type=int, default=16,
@@ -78,7 +78,9 @@ def base_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates (mutual TLS)")
     p.add_argument("--health-port", type=int, default=None,
                    help="also serve grpc.health.v1 alone, in plaintext, on this port (for probes under mTLS)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--log-format", default="json", choices=LOG_FORMATS,
+                   help="json: one object per line on stderr, everything else routed into it; text: for people")
     return p
 
 
@@ -103,29 +105,6 @@ def resolve_dtype(requested: str | None, device: str):
 
 
 # ------------------------------------------------------------------ logging
-
-class JsonFormatter(logging.Formatter):
-    def __init__(self, role: str):
-        super().__init__()
-        self.role = role
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(record.created, 3), "level": record.levelname, "role": self.role,
-                 "msg": record.getMessage()}
-        entry.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            entry["error"] = "".join(traceback.format_exception(*record.exc_info))
-        return json.dumps(entry)
-
-
-def setup_logging(role: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(role))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
-    log.setLevel(level.upper())
-
 
 def log_event(msg: str, **fields: Any) -> None:
     log.info(msg, extra={"fields": fields})
@@ -377,9 +356,13 @@ async def serve(args: argparse.Namespace, role: str, service_name: str,
     await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     credentials = _server_credentials(args)
     address = f"{args.host}:{args.port}"
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # grpc raises where it used to return 0
+        port = 0
     if port == 0:
-        raise SystemExit(f"cannot listen on {address}")
+        raise SystemExit(f"cannot listen on {address}: the port is taken (another server running?) or the host "
+                         "is not an address of this machine; choose another with --host / --port")
     servers = [server]
     if args.health_port is not None:
         probe = grpc.aio.server()
@@ -434,6 +417,8 @@ def server_info(role: str, model, args: argparse.Namespace, **fields) -> "pb.Ser
 
     limits = pb.Limits(max_message_bytes=args.max_message_bytes, max_image_pixels=args.max_image_pixels,
                        max_queue=args.max_queue, **fields.pop("limits", {}))
+    if model.layout.native_size is not None:
+        fields.setdefault("native_size", model.layout.native_size)
     return pb.ServerInfo(role=role, fingerprint=model.fingerprint, dtype=str(model.dtype).removeprefix("torch."),
                          device=str(model.device), versions=pb.Versions(**versions()),
                          checkpoints=str(model.layout.root), limits=limits, **fields)
@@ -466,7 +451,7 @@ def run(role: str, default_port: int, service: str, argv: list[str] | None,
     if extra_args is not None:
         extra_args(parser)
     args = parser.parse_args(argv)
-    setup_logging(role, args.log_level)
+    setup_logging(role, args.log_level, args.log_format)
     device = resolve_device(args.device, role)
     dtype = resolve_dtype(args.dtype, device)
     thread_init = None

@@ -230,10 +230,70 @@ def test_pack_loads_like_comfyui_from_any_folder_name(comfy, pack, tmp_path):
 def test_pyproject_declares_registry_metadata_and_only_the_light_client():
     import tomllib
 
-    meta = tomllib.loads((PACK_DIR / "pyproject.toml").read_text())
-    assert meta["project"]["dependencies"] == ["qwen2vl-flux"]
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert {"PublisherId", "DisplayName", "Icon"} <= set(meta["tool"]["comfy"])
     assert "comfyui" not in meta["project"]["name"].lower()
+    assert not any(d.split(">")[0] in ("torch", "transformers", "diffusers") for d in meta["project"]["dependencies"])
+    # The client from this very clone, by a direct reference: no package name from the index.
+    assert _requirements() == ["."]
+
+
+def _requirements() -> list[str]:
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+_LOAD_LIKE_COMFYUI = """
+import importlib.util, json, logging, os, sys
+logging.basicConfig(format="%(levelname)s %(message)s")
+path = sys.argv[1]
+spec = importlib.util.spec_from_file_location(path.replace(".", "_x_"), os.path.join(path, "__init__.py"))
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+client = sys.modules.get("qwen2vl_flux.client")
+print(json.dumps({"nodes": sorted(module.NODE_CLASS_MAPPINGS), "client": getattr(client, "__file__", None)}))
+"""
+
+
+def test_manager_install_from_the_git_url_in_a_scratch_comfyui(tmp_path):
+    """What ComfyUI-Manager does for a git URL (glob/manager_core.py): clone the repository root
+    into custom_nodes/, then `python -m pip install LINE` for each line of its requirements.txt,
+    inside the clone; ComfyUI then loads the clone's __init__.py. Offline here: the scratch
+    Python sees this one's packages (as ComfyUI's brings torch), so pip needs no index."""
+    import subprocess
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    venv = tmp_path / "comfyui-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    clone = tmp_path / "ComfyUI" / "custom_nodes" / "qwen2vl-flux"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
+    env = dict(os.environ, PIP_NO_INDEX="1", PIP_NO_BUILD_ISOLATION="0", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    for line in _requirements():
+        done = subprocess.run([python, "-m", "pip", "install", line], cwd=clone, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    loaded = subprocess.run([python, "-c", _LOAD_LIKE_COMFYUI, str(clone)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    result = json.loads(loaded.stdout.splitlines()[-1])
+    assert result["nodes"] == sorted(EXPECTED)
+    assert result["client"].startswith(str(venv))      # the copy pip installed from the clone
+
+
+def test_pack_without_the_client_says_in_one_line_how_to_install_it(tmp_path):
+    import subprocess
+
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    loaded = subprocess.run([str(bare / "bin" / "python"), "-c", _LOAD_LIKE_COMFYUI, str(ROOT)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 0, loaded.stderr
+    assert json.loads(loaded.stdout)["nodes"] == []
+    lines = loaded.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"-m pip install {ROOT}" in lines[0], lines
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -273,7 +333,7 @@ def test_mode_and_size_widgets_follow_the_client_rules(pack):
 
     gen = pack.NODE_CLASS_MAPPINGS["Qwen2VLFluxGenerate"].INPUT_TYPES()["required"]
     assert gen["mode"][0] == [m.value for m in Mode]
-    assert gen["aspect_ratio"][0] == list(ASPECT_RATIOS)
+    assert gen["aspect_ratio"][0] == ["auto", *ASPECT_RATIOS] and gen["aspect_ratio"][1]["default"] == "auto"
     for key in ("steps", "guidance", "strength", "depth_strength", "line_strength", "corrected_controlnet"):
         assert gen[key][1]["default"] == DEFAULTS[key]
     enc = pack.NODE_CLASS_MAPPINGS["Qwen2VLFluxEncode"].INPUT_TYPES()["required"]
@@ -343,6 +403,9 @@ def test_inpaint_takes_a_mask_of_another_size(nodes, services):
     mask[8:24, 8:24] = 1.0                       # (H, W), white = repaint; resized to image a
     images, _ = gen.generate(services, bundle, "inpaint", image=_tensor(A), mask=mask, **GEN)
     _assert_image(images, 1, 64, 64)
+    # Another shape: the generator's one mask rule refuses it, naming both sizes, before any call.
+    with pytest.raises(ValueError, match="mask is 32x16 but image a is 64x64"):
+        gen.generate(services, bundle, "inpaint", image=_tensor(A), mask=torch.zeros(16, 32), **GEN)
     with pytest.raises(ValueError, match="MASK"):
         gen.generate(services, bundle, "inpaint", image=_tensor(A), **GEN)
 

@@ -10,7 +10,7 @@ from PIL import Image
 cv2 = pytest.importorskip("cv2")
 torch = pytest.importorskip("torch")
 
-from qwen2vl_flux.checkpoints import CheckpointError, CheckpointLayout  # noqa: E402
+from qwen2vl_flux.checkpoints import CheckpointLayout  # noqa: E402
 from qwen2vl_flux.checkpoints.tiny_control import write_tiny_control_weights  # noqa: E402
 from qwen2vl_flux.client.errors import InvalidArgument  # noqa: E402
 from qwen2vl_flux.encoder_server import control_maps as cm  # noqa: E402
@@ -93,8 +93,9 @@ def test_converted_checkpoint_equals_in_memory_conversion(layout, mapper, depth_
     assert depth.size == (64, 80) and np.array_equal(np.array(depth), np.array(cm.depth_to_image(depth_raw)))
 
 
-def test_depth_without_weights_is_a_checkpoint_error(tmp_path):
-    with pytest.raises(CheckpointError, match="depth_anything_v2_vitl.pth"):
+def test_depth_without_weights_says_what_to_send_instead(tmp_path):
+    """A caller's request this server cannot serve (INVALID_ARGUMENT with what to do), not a crash."""
+    with pytest.raises(InvalidArgument, match="no depth model .*depth-anything-v2 is absent.*--control-map depth="):
         cm.ControlMapper(CheckpointLayout(tmp_path)).depth(picture())
 
 

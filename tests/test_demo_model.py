@@ -29,6 +29,39 @@ def test_demo_input_is_the_first_held_out_scene():
         assert np.array_equal(evaluate.pixels(shipped), evaluate.pixels(expected))
 
 
+def _near_palette(output: Image.Image, given: Image.Image, colours: int = 8, distance: float = 48.0) -> float:
+    """Share of the output's pixels within `distance` (RGB) of one of the input's main colours."""
+    palette = np.asarray(given.convert("RGB").quantize(colours).convert("RGB")).reshape(-1, 3)
+    palette = np.unique(palette, axis=0).astype(np.float32)
+    pixels = np.asarray(output.convert("RGB"), dtype=np.float32).reshape(-1, 1, 3)
+    return float((np.linalg.norm(pixels - palette[None], axis=-1).min(axis=1) < distance).mean())
+
+
+def test_sizes_default_to_the_models_native_size(client):
+    """No size set: the demo model's 128 (declared in checkpoints/demo), not 1024, and the input's
+    colours come back; aspect ratios keep their shape at that area; image a is scaled down to it."""
+    info = client.info()
+    assert info["encoder"].native_size == info["generator"].native_size == 128
+    assert list(info["encoder"].line_detectors) == ["canny"] and not info["encoder"].depth_available
+    with Image.open(DEMO_INPUT) as shipped:
+        given = shipped.convert("RGB")
+    out = client.variation(given.resize((512, 512), Image.Resampling.NEAREST), seed=1, steps=8).images[0]
+    assert out.size == (128, 128)
+    near = _near_palette(out, given)
+    assert near >= 0.8, near
+    assert client.variation(given, seed=1, steps=1, aspect_ratio="16:9").images[0].size == (160, 96)
+    assert client.img2img(given.resize((512, 384)), seed=1, steps=1).images[0].size == (144, 96)
+
+
+def test_controlnet_without_a_depth_model_uses_the_line_map_and_says_so(client):
+    with Image.open(DEMO_INPUT) as shipped:
+        result = client.controlnet(shipped.convert("RGB"), seed=1, steps=2)
+    assert result.parameters["depth"] is False and result.parameters["line"] is True
+    assert any("no depth model" in note for note in result.notes)
+    with pytest.raises(Exception, match="no depth model"):
+        client.control_maps(DEMO_INPUT, ["depth"])
+
+
 def test_variation_is_nearest_to_its_own_input(client):
     """>= 80 % of 20 outputs nearer (palette histogram) to their own input than to any other."""
     result = evaluate.variation(client, count=20)

@@ -64,3 +64,28 @@ def test_control_maps_follow_the_reference_order_and_fallback():
 
 def test_sizes():
     assert generation_size(1000, 667) == (1000, 664) and output_size(1000, 664) == (992, 656)
+
+
+def test_sizes_follow_a_declared_native_size():
+    from qwen2vl_flux.client.modes import ASPECT_RATIOS, aspect_ratio_size, variation_size
+
+    assert all(aspect_ratio_size(r) == size == aspect_ratio_size(r, 1024) for r, size in ASPECT_RATIOS.items())
+    assert aspect_ratio_size("1:1", 128) == (128, 128) and aspect_ratio_size("16:9", 128) == (160, 96)
+    assert all(w % 16 == 0 and h % 16 == 0 for w, h in (aspect_ratio_size(r, 128) for r in ASPECT_RATIOS))
+    assert variation_size({"aspect_ratio": "1:1"}, 128) == (128, 128)
+    assert variation_size({"aspect_ratio": "1:1", "width": 64, "height": 32}, 128) == (64, 32)
+    assert generation_size(512, 384, 128) == (144, 104) and generation_size(100, 80, 128) == (96, 80)
+    assert generation_size(1000, 667) == generation_size(1000, 667, None) == (1000, 664)
+
+
+def test_mask_rule():
+    from PIL import Image
+
+    from qwen2vl_flux.client.images import fit_mask
+
+    # image a's shape (up to rounding): resized to image a, then image a's resize rule (floor to 8)
+    assert fit_mask(Image.new("L", (200, 100)), (100, 50)).size == (96, 48)
+    assert fit_mask(Image.new("L", (201, 100)), (100, 50)).size == (96, 48)
+    assert fit_mask(Image.new("L", (100, 50)), (100, 50), native_size=32).size == (40, 16)
+    with pytest.raises(InvalidArgument, match="mask is 100x60 but image a is 100x50"):
+        fit_mask(Image.new("L", (100, 60)), (100, 50))

@@ -175,7 +175,7 @@ def _raw_generate(servers, request):
     (lambda r: r.params.MergeFrom(pb.GenerationParams(strength=0.0)), "strength"),
     (lambda r: r.params.MergeFrom(pb.GenerationParams(strength=1.01)), "strength"),
     (lambda r: r.ClearField("init_image"), "init_image"),
-    (lambda r: setattr(r.mask, "data", _png(_mask(50, 40))), "mask"),
+    (lambda r: setattr(r.mask, "data", _png(_mask(50, 50))), "mask"),   # not image a's shape
     (lambda r: r.ClearField("mask"), "mask"),
 ])
 def test_bad_generation_inputs_get_invalid_argument(client, servers, mutate, name):

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -403,6 +404,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def declare_trained_model(layout: CheckpointLayout, size: int) -> None:
+    """What the trained model is, for the servers: its native size (NATIVE_SIZE_FILE), and
+    no detector weights. The preset's Depth Anything and MTEED are random and nothing
+    here trains them, so they go: "auto" then uses canny, and depth maps must be given."""
+    from qwen2vl_flux.checkpoints import NATIVE_SIZE_FILE
+
+    (layout.root / NATIVE_SIZE_FILE).write_text(json.dumps({"native_size": size}) + "\n")
+    shutil.rmtree(layout.depth_anything, ignore_errors=True)
+    shutil.rmtree(layout.anyline.parent, ignore_errors=True)
+
+
 def main(argv=None) -> Path:
     from qwen2vl_flux.checkpoints.tiny import make_tiny_checkpoints
     from qwen2vl_flux.generator_server.pipeline import FluxGenerator
@@ -412,6 +424,7 @@ def main(argv=None) -> Path:
         raise SystemExit("--size must be a multiple of 16 (the generator floors sizes to 16)")
     started = time.perf_counter()
     layout = CheckpointLayout(make_tiny_checkpoints(args.out, PRESETS[args.preset]()))
+    declare_trained_model(layout, args.size)
     log, budget, device = Log(layout.root / "training_log.jsonl"), Budget(args.minutes), torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -175,7 +175,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("role", "fingerprint", "dtype", "device", "limits", "versions", "components", "modes", "checkpoints", "line_detectors", "startup")
+    __slots__ = ("role", "fingerprint", "dtype", "device", "limits", "versions", "components", "modes", "checkpoints", "line_detectors", "native_size", "depth_available", "startup")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +186,8 @@ class ServerInfo(_message.Message):
     MODES_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     LINE_DETECTORS_FIELD_NUMBER: _ClassVar[int]
+    NATIVE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     STARTUP_FIELD_NUMBER: _ClassVar[int]
     role: str
     fingerprint: ModelFingerprint
@@ -197,8 +199,10 @@ class ServerInfo(_message.Message):
     modes: _containers.RepeatedScalarFieldContainer[str]
     checkpoints: str
     line_detectors: _containers.RepeatedScalarFieldContainer[str]
+    native_size: int
+    depth_available: bool
     startup: Startup
-    def __init__(self, role: _Optional[str] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., versions: _Optional[_Union[Versions, _Mapping]] = ..., components: _Optional[_Iterable[str]] = ..., modes: _Optional[_Iterable[str]] = ..., checkpoints: _Optional[str] = ..., line_detectors: _Optional[_Iterable[str]] = ..., startup: _Optional[_Union[Startup, _Mapping]] = ...) -> None: ...
+    def __init__(self, role: _Optional[str] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., versions: _Optional[_Union[Versions, _Mapping]] = ..., components: _Optional[_Iterable[str]] = ..., modes: _Optional[_Iterable[str]] = ..., checkpoints: _Optional[str] = ..., line_detectors: _Optional[_Iterable[str]] = ..., native_size: _Optional[int] = ..., depth_available: bool = ..., startup: _Optional[_Union[Startup, _Mapping]] = ...) -> None: ...
 
 class Startup(_message.Message):
     __slots__ = ("compile_cache", "compile_cache_detail", "phase_seconds", "compiled", "turbo", "step_cache")
