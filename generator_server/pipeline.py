@@ -241,7 +241,10 @@ class FluxGenerator:
         # 3. Control maps -> packed latents (ControlNet modes; first random draws).
         controls = []
         if mode.uses_controlnet:
-            for kind, union_mode, scale in control_maps_used(params):
+            used = control_maps_used(params)
+            for index, (kind, union_mode, scale) in enumerate(used):
+                if cancelled():
+                    raise Cancelled(f"stopped before encoding control map {index + 1} of {len(used)}")
                 cond = self._encode_image(job.control_maps[kind], height, width, generator, count)
                 controls.append((self._pack(cond), union_mode, scale))
             if mode is Mode.CONTROLNET_INPAINT and not corrected:
@@ -255,6 +258,8 @@ class FluxGenerator:
         shape = (count, self.transformer.config.in_channels // 4, latent_h, latent_w)
         image_latents = None
         if mode.uses_init_image:
+            if cancelled():
+                raise Cancelled("stopped before encoding the init image")
             image_latents = self._encode_image(job.init_image, height, width, generator).repeat(count, 1, 1, 1)
         noise = self._noise(shape, generator)
         if image_latents is None or (mode is Mode.CONTROLNET and not corrected):
@@ -281,6 +286,8 @@ class FluxGenerator:
         job.timings["denoise"] = time.perf_counter() - start
 
         # 8. Decode.
+        if cancelled():
+            raise Cancelled("stopped before decoding")
         start = time.perf_counter()
         images = self.decode(latents, latent_h * self.vae_scale_factor, latent_w * self.vae_scale_factor)
         job.timings["decode"] = time.perf_counter() - start
@@ -398,7 +405,7 @@ class FluxGenerator:
             preview = None
             if preview_every and (i + 1) % preview_every == 0:
                 # The clean image the model predicts now: x0 = x_t - sigma * v (flow matching).
-                sigma = scheduler.sigmas[scheduler.step_index]
+                sigma = scheduler.sigmas[scheduler.begin_index + i]   # step_index is None before the first step
                 preview = self._preview(latents - sigma * noise_pred, *latent_size)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if inpaint is not None:
