@@ -274,7 +274,9 @@ class ModelHost:
         let go: a cancelled caller's job is told to stop (`Turn.stop`) and keeps the slot
         until it does, so the queue and its metrics stay true."""
         self.require()
-        if self._turn.locked() and self.waiting >= self.max_queue:
+        # Admitted requests may not hold the lock yet (it is taken after `prepare`): count
+        # them all, so a burst on an idle server is bounded too.
+        if self.waiting >= self.max_queue + (0 if self._turn.locked() else 1):
             if self.metrics is not None:
                 self.metrics.rejected.labels(self.role, "queue_full").inc()
             raise QueueFull(f"{self.role} is busy: {self.waiting} requests already wait (--max-queue "

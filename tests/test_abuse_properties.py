@@ -95,7 +95,7 @@ def _mutated(draw, bundle: pb.EmbeddingBundle) -> pb.EmbeddingBundle:
         tokens.tensor.shape[:] = [draw(st.sampled_from([0, 1, 2**62])), 0, 3]
         tokens.tensor.data = b""
     elif mutation == "length":
-        tokens.valid_length = draw(st.sampled_from([0, 2**31, 2**64 - 1]))
+        tokens.valid_length = draw(st.sampled_from([0, 2**31, 2**32 - 1]))
     elif mutation == "dtype":
         bundle.pooled.dtype = draw(st.sampled_from([0, 3, 99]))
     elif mutation == "drop":
