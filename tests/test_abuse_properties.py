@@ -1,8 +1,9 @@
 """Property-based abuse of the real tiny servers through the raw stubs: random and boundary
 requests of every RPC never get INTERNAL or UNKNOWN, both servers stay SERVING, and a good
-request succeeds afterwards. Each example is cheap by construction (images of at most 64 px,
-sizes of at most 32 px, 2 steps, 2 images) and has a short deadline; the example count keeps
-the whole test near 1.5 minutes on the CI machine, half of them reaching the model (QWEN2VL_FLUX_ABUSE_EXAMPLES changes it)."""
+request succeeds afterwards. Half the examples are careful callers' requests that reach the
+model, half mix in hostile values. Each is cheap by construction (images of at most 64 px,
+sizes of at most 32 px, 2 steps, 2 images) and has a short deadline; 80 examples take about
+1.5 minutes on the CI machine (QWEN2VL_FLUX_ABUSE_EXAMPLES changes the count)."""
 from __future__ import annotations
 
 import io
