@@ -206,7 +206,8 @@ def test_uploads_wait_for_admission_before_decoding(guarded, client, bundle):
         assert outcomes == ["ok", "ok"]
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     assert 'qwen2vl_flux_rejected_total{reason="queue_full",role="generator"} 5.0' in text
-    assert 'qwen2vl_flux_queued{role="generator"} 0.0' in text and 'qwen2vl_flux_in_flight{role="generator"} 0.0' in text
+    assert 'qwen2vl_flux_queued{role="generator"} 0.0' in text
+    assert 'qwen2vl_flux_in_flight{role="generator"} 0.0' in text
 
 
 def test_auth_failures_are_logged_counted_and_one_header_only(guarded):
@@ -314,12 +315,15 @@ def test_generator_mistakes_get_invalid_argument(servers, client, bundle, case, 
     _still_serving(servers, client, bundle)
 
 
+def _blank(width: int, height: int) -> pb.ImageData:
+    return pb.ImageData(data=image_bytes(Image.new("RGB", (width, height))))
+
+
 @pytest.mark.parametrize("call,name", [
-    (lambda e: e.Encode(_encode_request(image_bytes(Image.new("RGB", (1, 300)))), timeout=30), "images[a]"),
-    (lambda e: e.ComputeControlMaps(pb.ControlMapsRequest(image=pb.ImageData(data=image_bytes(Image.new("RGB", (1, 1)))),
-                                                          resize_like_generator=True), timeout=30), "image"),
-    (lambda e: e.ComputeControlMaps(pb.ControlMapsRequest(image=pb.ImageData(data=image_bytes(Image.new("RGB", (2, 500))))),
-                                    timeout=30), "aspect ratio"),
+    (lambda e: e.Encode(_encode_request(_blank(1, 300).data), timeout=30), "images[a]"),
+    (lambda e: e.ComputeControlMaps(pb.ControlMapsRequest(image=_blank(1, 1), resize_like_generator=True),
+                                    timeout=30), "image"),
+    (lambda e: e.ComputeControlMaps(pb.ControlMapsRequest(image=_blank(2, 500)), timeout=30), "aspect ratio"),
 ])
 def test_encoder_mistakes_get_invalid_argument(servers, client, bundle, call, name):
     channel, encoder, _ = _stubs(servers["encoder"].address)

@@ -89,8 +89,8 @@ def encode_requests(draw) -> pb.EncodeRequest:
 @st.composite
 def control_map_requests(draw) -> pb.ControlMapsRequest:
     pick = Chooser(draw)
-    request = pb.ControlMapsRequest(request_id=pick(GOOD_IDS, BAD_IDS), image=pb.ImageData(data=pick(GOOD_IMAGES,
-                                                                                                    BAD_IMAGES)),
+    image = pb.ImageData(data=pick(GOOD_IMAGES, BAD_IMAGES))
+    request = pb.ControlMapsRequest(request_id=pick(GOOD_IDS, BAD_IDS), image=image,
                                     kinds=pick([[], [pb.DEPTH], [pb.LINE], [pb.DEPTH, pb.LINE]], [[0], [99], [1, 1, 2]]),
                                     line_detector=pick([0, 1, 2, 3], [99]), resize_like_generator=pick.maybe())
     if pick.maybe():
