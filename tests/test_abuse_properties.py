@@ -91,7 +91,8 @@ def control_map_requests(draw) -> pb.ControlMapsRequest:
     pick = Chooser(draw)
     image = pb.ImageData(data=pick(GOOD_IMAGES, BAD_IMAGES))
     request = pb.ControlMapsRequest(request_id=pick(GOOD_IDS, BAD_IDS), image=image,
-                                    kinds=pick([[], [pb.DEPTH], [pb.LINE], [pb.DEPTH, pb.LINE]], [[0], [99], [1, 1, 2]]),
+                                    kinds=pick([[], [pb.DEPTH], [pb.LINE], [pb.DEPTH, pb.LINE]],
+                                               [[0], [99], [1, 1, 2]]),
                                     line_detector=pick([0, 1, 2, 3], [99]), resize_like_generator=pick.maybe())
     if pick.maybe():
         request.denoise_radius = pick([0.0, 1.5], [-1.0, 101.0, math.inf, math.nan])
