@@ -20,8 +20,8 @@ from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
 from .errors import InvalidArgument
 from .channels import ENCODER_SERVICE, GENERATOR_SERVICE, TLSFiles, open_channel
 from .images import image_bytes
-from .modes import (ROLE_INPUT, ROLE_REFERENCE, Focus, Mode, control_maps_used, embedding_roles, focus_role,
-                    resolve_parameters)
+from .modes import (ROLE_INPUT, ROLE_REFERENCE, Focus, Mode, check_prompt, check_request_id, control_maps_used,
+                    embedding_roles, focus_role, resolve_parameters)
 from .wire import MAX_MESSAGE_BYTES, mode_to_proto, params_from_proto, params_to_proto
 
 ImageLike = "Image.Image | bytes | str | Path"
@@ -57,6 +57,12 @@ class GenerationResult:
 class ControlMaps:
     maps: dict[str, Image.Image]            # kind ("depth", "line") -> map
     detectors: dict[str, str]               # kind -> what made it ("anyline", "canny", ...)
+
+
+def _request_id(given: str | None) -> str:
+    if given:
+        check_request_id(given)
+    return given or uuid.uuid4().hex
 
 
 def _focus(value) -> Focus | None:
@@ -231,8 +237,9 @@ def encode_request(image: ImageLike, reference: ImageLike | None = None, prompt:
                    pixel_budget: int | None = None, pad_to: int | None = None,
                    request_id: str | None = None) -> pb.EncodeRequest:
     mode, focus = Mode.parse(mode), _focus(focus)
+    check_prompt(prompt)
     target = focus_role(mode)
-    request = pb.EncodeRequest(request_id=request_id or uuid.uuid4().hex, prompt=prompt)
+    request = pb.EncodeRequest(request_id=_request_id(request_id), prompt=prompt)
     inputs = {ROLE_INPUT: image, ROLE_REFERENCE: reference}
     for role in embedding_roles(mode, reference is not None):
         item = inputs[role]
@@ -258,7 +265,7 @@ def generate_request(bundle: pb.EmbeddingBundle, mode: Mode | str, image, mask, 
     if output_format.lower() not in _FORMATS:
         raise InvalidArgument("output_format", f"output_format must be one of {', '.join(_FORMATS)}, "
                                                f"got {output_format!r}")
-    request = pb.GenerateRequest(request_id=request_id or uuid.uuid4().hex, mode=mode_to_proto(mode),
+    request = pb.GenerateRequest(request_id=_request_id(request_id), mode=mode_to_proto(mode),
                                  bundle=bundle, params=params_to_proto(params),
                                  output=pb.OutputOptions(format=_FORMATS[output_format.lower()],
                                                          preview_every=preview_every))
@@ -277,7 +284,7 @@ def control_maps_request(image: ImageLike, kinds, line_detector: str, denoise_ra
     if line_detector not in _LINE_DETECTORS:
         raise InvalidArgument("line_detector", f"line_detector must be one of {', '.join(_LINE_DETECTORS)}, "
                                                f"got {line_detector!r}")
-    request = pb.ControlMapsRequest(request_id=request_id or uuid.uuid4().hex,
+    request = pb.ControlMapsRequest(request_id=_request_id(request_id),
                                     image=pb.ImageData(data=image_bytes(image)),
                                     kinds=[_CONTROL_KINDS[k] for k in kinds],
                                     line_detector=_LINE_DETECTORS[line_detector],

@@ -12,6 +12,10 @@ from .modes import generation_size
 
 # Beyond this an upload is refused before it is decoded (decompression bombs).
 DEFAULT_MAX_PIXELS = 40_000_000
+# Formats users send (MPO: phone photos; GIF and TIFF: first frame). No other PIL plugin
+# is ever asked to parse an upload (EPS would reach Ghostscript).
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF", "GIF")
+_OPENERS = tuple(f for f in IMAGE_FORMATS if f != "MPO")   # PIL opens MPO through its JPEG plugin
 
 
 def image_bytes(image: "Image.Image | bytes | str | Path") -> bytes:
@@ -64,7 +68,8 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            Image.init()   # registers every plugin, so `formats` can name them
+            image = Image.open(io.BytesIO(data), formats=_OPENERS)
             width, height = image.size
             if width * height > max_pixels:
                 raise InvalidArgument(name, f"{name} is {width}x{height} = {width * height} pixels; "
@@ -72,6 +77,12 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
             image.load()
     except InvalidArgument:
         raise
+    except Image.UnidentifiedImageError:
+        other = _format_name(data)
+        if other:
+            raise InvalidArgument(name, f"{name} is {other}, which this server does not accept; send "
+                                        f"{', '.join(IMAGE_FORMATS)}") from None
+        raise InvalidArgument(name, f"{name} is not a readable image (accepted: {', '.join(IMAGE_FORMATS)})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InvalidArgument(name, f"{name} refused as a decompression bomb: {e}") from None
     except Image.UnidentifiedImageError:  # its message names a BytesIO object, not the upload
@@ -82,6 +93,19 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
     if image.size[0] == 0 or image.size[1] == 0:
         raise InvalidArgument(name, f"{name} has no pixels ({image.size[0]}x{image.size[1]})")
     return image
+
+
+def _format_name(data: bytes) -> str | None:
+    """The name of a refused format, from the plugins' magic-byte checks only (nothing parsed)."""
+    Image.init()
+    prefix = data[:16]
+    for fmt, (_, accept) in Image.OPEN.items():
+        try:
+            if fmt not in IMAGE_FORMATS and accept is not None and accept(prefix):
+                return fmt
+        except Exception:  # noqa: BLE001 - a plugin's check on odd bytes
+            continue
+    return None
 
 
 def decode_mask(data: bytes, name: str = "mask", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

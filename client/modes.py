@@ -7,6 +7,7 @@ all follow the reference model (../shared/MODEL_NOTES.md). Torch-free on purpose
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from enum import Enum
 
@@ -74,6 +75,26 @@ DEFAULTS: dict[str, object] = {
 T5_MAX_LENGTH = 256
 MAX_STEPS = 200
 MAX_IMAGE_COUNT = 16
+# Request limits, checked by the client and again by the servers before any work
+# (GetInfo reports them). T5 reads 256 tokens, a few KB of text at most: nothing
+# past the prompt cap can change the image.
+MAX_PROMPT_BYTES = 16 * 1024
+MAX_REQUEST_ID_LENGTH = 128
+REQUEST_ID_CHARACTERS = "A-Za-z0-9._:-"
+_REQUEST_ID = re.compile(f"[{REQUEST_ID_CHARACTERS}]*")
+MAX_GUIDANCE = 100.0
+# Output budget of one request: all its images together, and those pixels times steps
+# (16 images of 1024x1024 at 50 steps, or 4 of them at 200).
+MAX_OUTPUT_PIXELS = 16 * 1024 * 1024
+MAX_PIXEL_STEPS = MAX_OUTPUT_PIXELS * 50
+MAX_SIDE = 4096
+# The generator works on 16-pixel cells (VAE 8x, then 2x2 packing).
+MIN_IMAGE_SIDE = 16
+MAX_CONTROL_MAPS = 2
+# Qwen2-VL refuses images beyond this aspect ratio; the control-map detectors work at a
+# fixed short side (518 and 1280 px), so their cost grows with the ratio: tighter there.
+MAX_ASPECT_RATIO = 200
+MAX_CONTROL_MAP_ASPECT_RATIO = 8
 # Qwen2-VL pixel budget (min = max pixels): the reference halves it when a prompt
 # adds 256 T5 tokens.
 PIXEL_BUDGET_WITH_PROMPT = 256 * 28 * 28
@@ -95,6 +116,44 @@ PARAMETERS_USED: dict[Mode, set[str]] = {
                                         "line_strength", "corrected_controlnet"},
 }
 ALL_PARAMETERS = set().union(*PARAMETERS_USED.values())
+
+
+def check_prompt(prompt: str) -> None:
+    size = len(prompt.encode("utf-8", "surrogatepass"))
+    if size > MAX_PROMPT_BYTES:
+        raise InvalidArgument("prompt", f"prompt is {size} bytes of UTF-8; at most {MAX_PROMPT_BYTES} are accepted "
+                                        f"(T5 reads its first {T5_MAX_LENGTH} tokens only)")
+
+
+def check_request_id(request_id: str) -> None:
+    if len(request_id) > MAX_REQUEST_ID_LENGTH or not _REQUEST_ID.fullmatch(request_id):
+        shown = request_id[:32] + ("..." if len(request_id) > 32 else "")
+        raise InvalidArgument("request_id", f"request_id {shown!r} ({len(request_id)} characters) must be at most "
+                                            f"{MAX_REQUEST_ID_LENGTH} characters of [{REQUEST_ID_CHARACTERS}]")
+
+
+def steps_run(steps: int, strength: float = 1.0) -> int:
+    """Denoise steps left after the strength shortens the schedule (reference rule)."""
+    return steps - int(steps - min(steps * strength, steps))
+
+
+def check_aspect_ratio(name: str, width: int, height: int, limit: float = MAX_ASPECT_RATIO) -> None:
+    ratio = max(width, height) / max(1, min(width, height))
+    if ratio > limit:
+        raise InvalidArgument(name, f"{name} is {width}x{height}, an aspect ratio of {ratio:.0f}; at most "
+                                    f"{limit:g} is accepted here (crop it)")
+
+
+def check_output_budget(width: int, height: int, params: dict) -> None:
+    """One request's output: all its images together, and those pixels times steps."""
+    count, steps = params["image_count"], params["steps"]
+    pixels = width * height * count
+    if pixels > MAX_OUTPUT_PIXELS:
+        raise InvalidArgument("image_count", f"image_count: {count} images of {width}x{height} are {pixels} pixels; "
+                                             f"one request makes at most {MAX_OUTPUT_PIXELS} (fewer or smaller images)")
+    if pixels * steps > MAX_PIXEL_STEPS:
+        raise InvalidArgument("steps", f"steps: {count} images of {width}x{height} at {steps} steps exceed the "
+                                       f"budget of {MAX_PIXEL_STEPS} pixel-steps per request (fewer steps or images)")
 
 
 def pixel_budget(prompt: str) -> int:
@@ -221,8 +280,8 @@ def resolve_parameters(mode: Mode, given: dict, max_pixels: int | None = None) -
     if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise InvalidArgument("steps", f"steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
     guidance = params["guidance"]
-    if not math.isfinite(guidance) or guidance < 0:
-        raise InvalidArgument("guidance", f"guidance must be >= 0, got {guidance!r}")
+    if not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise InvalidArgument("guidance", f"guidance must be in 0..{MAX_GUIDANCE:g}, got {guidance!r}")
     count = params["image_count"]
     if not isinstance(count, int) or not 1 <= count <= MAX_IMAGE_COUNT:
         raise InvalidArgument("image_count",
@@ -231,6 +290,9 @@ def resolve_parameters(mode: Mode, given: dict, max_pixels: int | None = None) -
         s = params["strength"]
         if not math.isfinite(s) or not 0.0 < s <= 1.0:
             raise InvalidArgument("strength", f"strength must be in (0, 1], got {s!r}")
+        if steps_run(steps, s) < 1:
+            raise InvalidArgument("strength", f"strength {s!r} leaves no denoise step of {steps} "
+                                              f"(steps x strength must reach 1); raise strength or steps")
     for name in ("depth_strength", "line_strength"):
         if name in params and (not math.isfinite(params[name]) or params[name] < 0):
             raise InvalidArgument(name, f"{name} must be >= 0, got {params[name]!r}")
@@ -239,6 +301,7 @@ def resolve_parameters(mode: Mode, given: dict, max_pixels: int | None = None) -
 
     if mode is Mode.VARIATION:
         _check_variation_size(params, max_pixels)
+        check_output_budget(*variation_size(params), params)
     if mode.uses_controlnet and not params["depth"] and not params["line"]:
         # Neither map asked for: the reference uses both at fixed strengths.
         ignored = sorted(set(ignored) | {k for k in ("depth_strength", "line_strength") if given.get(k) is not None})
@@ -257,8 +320,8 @@ def _check_variation_size(params: dict, max_pixels: int | None) -> None:
     if width is None:
         return
     for name, value in (("width", width), ("height", height)):
-        if value <= 0 or value % 16:
-            raise InvalidArgument(name, f"{name} must be a positive multiple of 16, got {value}")
+        if value <= 0 or value % 16 or value > MAX_SIDE:
+            raise InvalidArgument(name, f"{name} must be a positive multiple of 16 up to {MAX_SIDE}, got {value}")
     if max_pixels is not None and width * height > max_pixels:
         raise InvalidArgument("width", f"{width}x{height} exceeds this server's limit of "
                                        f"{max_pixels} pixels")

@@ -16,6 +16,10 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Default wire bucket for image token sequences.
 TOKEN_BUCKET = 64
 
+# Even an empty tensor may not claim an absurd shape (torch cannot allocate its strides).
+MAX_TENSOR_RANK = 8
+MAX_TENSOR_DIM = 2**31 - 1
+
 ITEMSIZE = {
     pb.FLOAT32: 4, pb.FLOAT16: 2, pb.BFLOAT16: 2, pb.INT64: 8,
     pb.INT32: 4, pb.UINT8: 1, pb.BOOL: 1,
@@ -45,6 +49,9 @@ def check_tensor(tensor: pb.Tensor, name: str) -> None:
         raise InvalidArgument(name, f"{name}: unknown dtype {tensor.dtype}")
     if any(d < 0 for d in tensor.shape):
         raise InvalidArgument(name, f"{name}: negative dimension in shape {list(tensor.shape)}")
+    if len(tensor.shape) > MAX_TENSOR_RANK or any(d > MAX_TENSOR_DIM for d in tensor.shape):
+        raise InvalidArgument(name, f"{name}: shape {list(tensor.shape)[:8]} is beyond rank {MAX_TENSOR_RANK} "
+                                    f"or a dimension of {MAX_TENSOR_DIM}")
     expected = math.prod(tensor.shape) * ITEMSIZE[tensor.dtype]
     if len(tensor.data) != expected:
         raise InvalidArgument(name, f"{name}: {len(tensor.data)} bytes, but dtype "

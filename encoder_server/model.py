@@ -2,9 +2,11 @@
 connector, T5 prompt states through t5_embedder, CLIP pooled of "". No gRPC here."""
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -12,6 +14,7 @@ from PIL import Image
 from qwen2vl_flux.checkpoints import CheckpointError, CheckpointLayout, full_size
 from qwen2vl_flux.checkpoints.projections import load_linear
 from qwen2vl_flux.client.modes import T5_MAX_LENGTH, Focus
+from qwen2vl_flux.serving.server import Cancelled
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 
 from .control_maps import ControlMapper, denoise_map
@@ -155,16 +158,45 @@ class Qwen2VLFluxEncoder:
         return self.t5_embedder(self.t5(ids).last_hidden_state)
 
     def encode_parts(self, images: list[tuple[str, Image.Image, Focus | None]], prompt: str | None,
-                     budget: int) -> tuple[list[ImageEncoding], torch.Tensor | None]:
-        """The images' embeddings and, when a prompt is given, its T5 tokens."""
-        encodings = [self.encode_image(role, image, focus, budget) for role, image, focus in images]
-        return encodings, self.encode_prompt(prompt) if prompt else None
+                     budget: int, cancelled: Callable[[], bool] = lambda: False,
+                     ) -> tuple[list[ImageEncoding], torch.Tensor | None]:
+        """The images' embeddings and, when a prompt is given, its T5 tokens; `cancelled`
+        is asked before each stage (the caller may have gone away)."""
+        encodings = []
+        with self._interruptible(cancelled):
+            for index, (role, image, focus) in enumerate(images):
+                if cancelled():
+                    raise Cancelled(f"stopped before encoding image {index + 1} of {len(images)}")
+                encodings.append(self.encode_image(role, image, focus, budget))
+            if prompt and cancelled():
+                raise Cancelled("stopped before encoding the prompt")
+            return encodings, self.encode_prompt(prompt) if prompt else None
+
+    @contextlib.contextmanager
+    def _interruptible(self, cancelled: Callable[[], bool]):
+        """Also ask `cancelled` before every Qwen2-VL vision block and decoder layer: a large
+        image budget makes one forward pass long enough to be worth stopping inside."""
+        def check(module, args):
+            if cancelled():
+                raise Cancelled(f"stopped inside the Qwen2-VL forward pass ({type(module).__name__})")
+
+        layers = [*getattr(getattr(self.qwen, "visual", None), "blocks", []),
+                  *getattr(getattr(self.qwen, "language_model", None), "layers", [])]
+        hooks = [layer.register_forward_pre_hook(check) for layer in layers]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def control_maps(self, image: Image.Image, kinds: list[str], line_detector: str = "auto",
-                     denoise_radius: float | None = None) -> list[tuple[str, Image.Image, str]]:
+                     denoise_radius: float | None = None, cancelled: Callable[[], bool] = lambda: False,
+                     ) -> list[tuple[str, Image.Image, str]]:
         """(kind, map, what made it) for each kind asked, optionally blurred."""
         maps = []
         for kind in kinds:
+            if cancelled():
+                raise Cancelled(f"stopped before the {kind} map")
             if kind == "depth":
                 picture, used = self.control.depth(image), "depth-anything-v2"
             else:

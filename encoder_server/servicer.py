@@ -7,9 +7,11 @@ import time
 
 from qwen2vl_flux.client.errors import InvalidArgument
 from qwen2vl_flux.client.images import decode_image, image_bytes, resize_for_generation
-from qwen2vl_flux.client.modes import ROLE_INPUT, ROLE_REFERENCE, Focus, pixel_budget
+from qwen2vl_flux.client.modes import (MAX_CONTROL_MAP_ASPECT_RATIO, MAX_PROMPT_BYTES, MIN_IMAGE_SIDE, ROLE_INPUT,
+                                       ROLE_REFERENCE, Focus, check_aspect_ratio, check_prompt, generation_size,
+                                       pixel_budget)
 from qwen2vl_flux.client.wire import bucket, pad_tokens
-from qwen2vl_flux.serving.server import ModelHost, rpc_method, server_info
+from qwen2vl_flux.serving.server import Cancelled, ModelHost, log_event, request_id, rpc_method, server_info
 from qwen2vl_flux.serving.tensors import to_wire
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
@@ -56,6 +58,19 @@ def _inputs(request: pb.EncodeRequest) -> list[tuple[str, bytes, Focus | None]]:
     return inputs
 
 
+def _logged_stop(fn, message: str, rid: str):
+    """`fn` for the model thread, logging where it stopped when its caller went away."""
+
+    def work(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Cancelled as e:
+            log_event(message, request_id=rid, detail=str(e))
+            raise
+
+    return work
+
+
 class EncoderServicer(pb_grpc.EncoderServicer):
     def __init__(self, host: ModelHost, args):
         self.host = host
@@ -74,6 +89,7 @@ class EncoderServicer(pb_grpc.EncoderServicer):
     @rpc_method
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
         model = self.host.require()
+        check_prompt(request.prompt)   # before anything reads it: a 16 MB prompt costs minutes of tokenising
         budget = request.pixel_budget if request.HasField("pixel_budget") else pixel_budget(request.prompt)
         if not MIN_PIXEL_BUDGET <= budget <= MAX_PIXEL_BUDGET:
             raise InvalidArgument("pixel_budget", f"pixel_budget must be in {MIN_PIXEL_BUDGET}..{MAX_PIXEL_BUDGET}, "
@@ -92,12 +108,19 @@ class EncoderServicer(pb_grpc.EncoderServicer):
         start = time.perf_counter()
         hit = not missing and (prompt is None or prompt_message is not None)
         if not hit:
-            images = await asyncio.to_thread(
-                lambda: [(role, decode_image(data, f"images[{role}]", self.max_pixels), focus)
-                         for role, data, focus in missing])
-            async with self.host.turn("Encode"):
+            def decode():
+                images = []
+                for role, data, focus in missing:
+                    image = decode_image(data, f"images[{role}]", self.max_pixels)
+                    check_aspect_ratio(f"images[{role}]", *image.size)
+                    images.append((role, image, focus))
+                return images
+
+            rid = request_id(request, context)
+            async with self.host.turn("Encode", decode) as turn:
                 encodings, prompt_tensor = await self.host.run(
-                    model.encode_parts, images, prompt if prompt_message is None else None, budget)
+                    _logged_stop(model.encode_parts, "encode stopped", rid), turn.prepared,
+                    prompt if prompt_message is None else None, budget, cancelled=turn.stop.is_set)
             for encoding in encodings:
                 found[encoding.role] = image_message(encoding)
                 self.cache.put(keys[encoding.role], found[encoding.role])
@@ -132,11 +155,21 @@ class EncoderServicer(pb_grpc.EncoderServicer):
         radius = request.denoise_radius if request.HasField("denoise_radius") else None
         if radius is not None and not 0 <= radius <= 100:
             raise InvalidArgument("denoise_radius", f"denoise_radius must be in 0..100 pixels, got {radius}")
-        image = await asyncio.to_thread(decode_image, request.image.data, "image", self.max_pixels)
-        if request.resize_like_generator:
-            image = resize_for_generation(image, model.layout.native_size)
-        async with self.host.turn("ComputeControlMaps"):
-            maps = await self.host.run(model.control_maps, image, kinds, detector, radius)
+        def decode():
+            image = decode_image(request.image.data, "image", self.max_pixels)
+            check_aspect_ratio("image", *image.size, limit=MAX_CONTROL_MAP_ASPECT_RATIO)
+            if request.resize_like_generator:
+                width, height = generation_size(*image.size, model.layout.native_size)
+                if min(width, height) < MIN_IMAGE_SIDE:
+                    raise InvalidArgument("image", f"image becomes {width}x{height} by the generator's resize rule; "
+                                                   f"it needs at least {MIN_IMAGE_SIDE} pixels a side")
+                image = resize_for_generation(image, model.layout.native_size)
+            return image
+
+        rid = request_id(request, context)
+        async with self.host.turn("ComputeControlMaps", decode) as turn:
+            maps = await self.host.run(_logged_stop(model.control_maps, "control maps stopped", rid), turn.prepared,
+                                       kinds, detector, radius, cancelled=turn.stop.is_set)
         encoded = await asyncio.to_thread(lambda: [(kind, image_bytes(m), used) for kind, m, used in maps])
         return pb.ControlMapsResponse(request_id=request.request_id, maps=[
             pb.ControlMap(kind=KIND_VALUES[kind], image=pb.ImageData(data=data), detector=used)
@@ -147,4 +180,5 @@ class EncoderServicer(pb_grpc.EncoderServicer):
         model = self.host.require()
         return server_info("encoder", model, self.args, line_detectors=model.control.line_detectors(),
                            depth_available=model.control.depth_available(),
+                           limits={"max_prompt_bytes": MAX_PROMPT_BYTES},
                            components=["qwen2-vl", "connector", "t5", "t5_embedder", "clip (pooled of \"\")"])

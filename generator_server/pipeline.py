@@ -291,7 +291,10 @@ class FluxGenerator:
         # 3. Control maps -> packed latents (ControlNet modes; first random draws).
         controls = []
         if mode.uses_controlnet:
-            for kind, union_mode, scale in control_maps_used(params):
+            used = control_maps_used(params)
+            for index, (kind, union_mode, scale) in enumerate(used):
+                if cancelled():
+                    raise Cancelled(f"stopped before encoding control map {index + 1} of {len(used)}")
                 cond = self._encode_image(job.control_maps[kind], height, width, generator, count)
                 controls.append((self._pack(cond), union_mode, scale))
             if mode is Mode.CONTROLNET_INPAINT and not corrected:
@@ -305,7 +308,9 @@ class FluxGenerator:
         shape = (count, self.transformer.config.in_channels // 4, latent_h, latent_w)
         image_latents = None
         if mode.uses_init_image:
-            image_latents = self._encode_image(job.init_image, height, width, generator, 1).repeat(count, 1, 1, 1)
+            if cancelled():
+                raise Cancelled("stopped before encoding the init image")
+            image_latents = self._encode_image(job.init_image, height, width, generator).repeat(count, 1, 1, 1)
         noise = self._noise(shape, generator)
         if image_latents is None or (mode is Mode.CONTROLNET and not corrected):
             latents = noise  # reference quirk in controlnet: the encoded init image is discarded
@@ -331,6 +336,8 @@ class FluxGenerator:
         job.timings["denoise"] = time.perf_counter() - start
 
         # 8. Decode.
+        if cancelled():
+            raise Cancelled("stopped before decoding")
         start = time.perf_counter()
         images = self.decode(latents, latent_h * self.vae_scale_factor, latent_w * self.vae_scale_factor)
         job.timings["decode"] = time.perf_counter() - start
@@ -360,13 +367,21 @@ class FluxGenerator:
         self.controlnet  # noqa: B018 - loads the ControlNet and its context_embedder
         return prompt_embeds, stream(self.controlnet_context_embedder, control_tokens)
 
-    def _encode_image(self, image: Image.Image, height: int, width: int, generator, count: int) -> torch.Tensor:
+    def _encode_image(self, image: Image.Image, height: int, width: int, generator,
+                      count: int | None = None) -> torch.Tensor:
         """VAE latents of an image as the reference makes them: preprocess (floors to 16),
-        repeat to the batch, `latent_dist.sample(generator)`, then shift and scale."""
+        `latent_dist.sample(generator)`, then shift and scale.
+
+        Memory layout matters in the last bit: the preprocessor returns a channels-last view,
+        and the VAE's convolutions round differently on it than on a contiguous copy. The
+        reference encodes the init image in that view (count None), and control maps after
+        `repeat_interleave` to the batch (count), which copies them contiguous."""
         from diffusers.pipelines.flux.pipeline_flux_img2img import retrieve_latents
 
         pixels = self.image_processor.preprocess(image, height=height, width=width)
-        pixels = pixels.repeat_interleave(count, dim=0).to(self.device, self.dtype)
+        if count is not None:
+            pixels = pixels.repeat_interleave(count, dim=0)
+        pixels = pixels.to(self.device, self.dtype)
         latents = retrieve_latents(self.vae.encode(pixels), generator=generator)
         return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
 
@@ -431,7 +446,7 @@ class FluxGenerator:
             preview = None
             if preview_every and (i + 1) % preview_every == 0:
                 # The clean image the model predicts now: x0 = x_t - sigma * v (flow matching).
-                sigma = scheduler.sigmas[scheduler.step_index]
+                sigma = scheduler.sigmas[scheduler.begin_index + i]   # step_index is None before the first step
                 preview = self._preview(latents - sigma * noise_pred, *latent_size)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if inpaint is not None:

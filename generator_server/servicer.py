@@ -14,8 +14,10 @@ from PIL import Image, PngImagePlugin
 
 from qwen2vl_flux.client.errors import InvalidArgument, ModelMismatch
 from qwen2vl_flux.client.images import alpha_mask, decode_image, decode_mask, fit_mask, resize_for_generation
-from qwen2vl_flux.client.modes import (MAX_IMAGE_COUNT, MAX_STEPS, ROLE_INPUT, Mode, control_maps_used,
-                                       resolve_parameters, transformer_role)
+from qwen2vl_flux.client.modes import (MAX_CONTROL_MAPS, MAX_GUIDANCE, MAX_IMAGE_COUNT, MAX_OUTPUT_PIXELS,
+                                       MAX_PIXEL_STEPS, MAX_SIDE, MAX_STEPS, MIN_IMAGE_SIDE, ROLE_INPUT, Mode,
+                                       check_output_budget, control_maps_used, output_size, resolve_parameters,
+                                       transformer_role)
 from qwen2vl_flux.client.wire import mode_from_proto, params_from_proto, params_to_proto
 from qwen2vl_flux.serving.server import (Cancelled, ModelHost, log_event, request_id, rpc_method, rpc_stream,
                                          server_info, versions)
@@ -25,8 +27,6 @@ from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
 
 from .pipeline import Conditioning, FluxGenerator, GenerationJob
 
-# Output pixels per request (all images together); larger is refused up front.
-MAX_OUTPUT_PIXELS = 16 * 1024 * 1024
 PNG_METADATA_KEY = "qwen2vl-flux"
 CONTROL_KINDS = {pb.DEPTH: "depth", pb.LINE: "line"}
 
@@ -38,7 +38,13 @@ def _padded(message: pb.PaddedTensor, name: str, width: int, device, dtype) -> t
     if not 0 < message.valid_length <= tensor.shape[1]:
         raise InvalidArgument(name, f"{name}: valid_length {message.valid_length} outside 1..{tensor.shape[1]}")
     # Trim the wire padding: the image must equal the unpadded one.
-    return tensor[:, :message.valid_length].to(device, dtype)
+    return _finite(tensor[:, :message.valid_length], name).to(device, dtype)
+
+
+def _finite(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise InvalidArgument(name, f"{name} holds NaN or infinite values; re-encode (an fp16 encoder overflowing?)")
+    return tensor
 
 
 def conditioning_from_bundle(bundle: pb.EmbeddingBundle, model: FluxGenerator, mode: Mode) -> Conditioning:
@@ -65,7 +71,7 @@ def conditioning_from_bundle(bundle: pb.EmbeddingBundle, model: FluxGenerator, m
     if list(pooled.shape) != [1, fp.pooled_dim]:
         raise InvalidArgument("bundle.pooled", f"bundle.pooled: expected (1, {fp.pooled_dim}), "
                                                f"got {list(pooled.shape)}")
-    return Conditioning(images, prompt, pooled.to(device, dtype))
+    return Conditioning(images, prompt, _finite(pooled, "bundle.pooled").to(device, dtype))
 
 
 def _describe(fp: pb.ModelFingerprint) -> str:
@@ -113,20 +119,40 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         self.args = args
         self.max_pixels = args.max_image_pixels
 
-    def _job(self, request: pb.GenerateRequest, model: FluxGenerator) -> GenerationJob:
+    def _checked(self, request: pb.GenerateRequest) -> tuple[Mode, dict, list[str]]:
+        """What can be judged from the message alone, before admission (no decoding)."""
         output_settings(request.output)
         mode = mode_from_proto(request.mode)
         given = params_from_proto(request.params)
         if given.get("seed") is None:
             given["seed"] = secrets.randbelow(2**32)
         params, ignored = resolve_parameters(mode, given, max_pixels=MAX_OUTPUT_PIXELS)
+        if mode.uses_init_image and not request.init_image.data:
+            raise InvalidArgument("init_image", f"mode {mode.value} needs image a as init_image")
+        if len(request.control_maps) > MAX_CONTROL_MAPS:
+            raise InvalidArgument("control_maps", f"control_maps: {len(request.control_maps)} sent; at most "
+                                                  f"{MAX_CONTROL_MAPS} (one depth, one line)")
+        kinds = [item.kind for item in request.control_maps]
+        for i, kind in enumerate(kinds):
+            if kind not in CONTROL_KINDS:
+                raise InvalidArgument("control_maps", f"control_maps[{i}]: unknown kind {kind}")
+            if kinds.index(kind) != i:
+                raise InvalidArgument("control_maps", f"control_maps[{i}]: a second {CONTROL_KINDS[kind]} map")
+        return mode, params, ignored
+
+    def _job(self, request: pb.GenerateRequest, model: FluxGenerator, mode: Mode, params: dict,
+             ignored: list[str]) -> GenerationJob:
         conditioning = conditioning_from_bundle(request.bundle, model, mode)
         job = GenerationJob(mode, params, conditioning, ignored=ignored)
         if mode.uses_init_image:
-            if not request.init_image.data:
-                raise InvalidArgument("init_image", f"mode {mode.value} needs image a as init_image")
             init = decode_image(request.init_image.data, "init_image", self.max_pixels)
             job.init_image = resize_for_generation(init, model.native_size)
+            width, height = output_size(*job.init_image.size)
+            if min(width, height) < MIN_IMAGE_SIDE:
+                raise InvalidArgument("init_image", f"init_image becomes {job.init_image.size[0]}x"
+                                                    f"{job.init_image.size[1]}; the generator needs at least "
+                                                    f"{MIN_IMAGE_SIDE} pixels on each side")
+            check_output_budget(width, height, params)
         if mode.uses_mask:
             job.mask = fit_mask(self._mask(request), init.size, model.native_size)
         if mode.uses_controlnet:
@@ -141,15 +167,14 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         return decode_mask(request.mask.data, "mask", self.max_pixels)
 
     def _control_maps(self, request: pb.GenerateRequest, params: dict) -> dict:
+        given = {CONTROL_KINDS[item.kind]: (i, item) for i, item in enumerate(request.control_maps)}
         maps = {}
-        for i, item in enumerate(request.control_maps):
-            if item.kind not in CONTROL_KINDS:
-                raise InvalidArgument("control_maps", f"control_maps[{i}]: unknown kind {item.kind}")
-            maps[CONTROL_KINDS[item.kind]] = decode_image(item.image.data, f"control_maps[{i}]", self.max_pixels)
         for kind, _, _ in control_maps_used(params):
-            if kind not in maps:
+            if kind not in given:
                 raise InvalidArgument("control_maps", f"this request needs a {kind} map: send it in control_maps "
                                                       "(the client computes it with the encoder's ComputeControlMaps)")
+            i, item = given[kind]
+            maps[kind] = decode_image(item.image.data, f"control_maps[{i}]", self.max_pixels)
         return maps
 
     @rpc_stream
@@ -157,10 +182,12 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         received = time.perf_counter()
         model = self.host.require()
         rid = request_id(request, context)
-        job = await asyncio.to_thread(self._job, request, model)
-        async with self.host.turn("Generate"):
+        mode, params, ignored = self._checked(request)
+        # Admission first: uploads are decoded while the request waits for the model.
+        async with self.host.turn("Generate", lambda: self._job(request, model, mode, params, ignored)) as turn:
+            job = turn.prepared
             job.timings["queue"] = time.perf_counter() - received
-            async for event in self._run_job(job, model, rid, request.output.preview_every):
+            async for event in self._run_job(job, model, rid, request.output.preview_every, turn.stop):
                 yield event
         images = job.images
 
@@ -180,12 +207,13 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
                                denoise_seconds=t.get("denoise", 0.0), decode_seconds=t.get("decode", 0.0),
                                image_encode_seconds=t["image_encode"], total_seconds=time.perf_counter() - received)))
 
-    async def _run_job(self, job: GenerationJob, model: FluxGenerator, rid: str, preview_every: int):
+    async def _run_job(self, job: GenerationJob, model: FluxGenerator, rid: str, preview_every: int,
+                       stop: threading.Event):
         """Run the job on the model thread, streaming a progress event per step. If the
-        caller goes away (cancel, deadline), the loop stops before its next step."""
+        caller goes away (cancel, deadline), the job stops at its next check (before each
+        stage and each step)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
         clock = {"start": 0.0, "last": 0.0}
         step_time = self.host.metrics.step_time.labels("generator")
 
@@ -230,7 +258,10 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
     async def GetInfo(self, request, context) -> pb.ServerInfo:
         model = self.host.require()
         return server_info("generator", model, self.args, modes=[m.value for m in Mode],
-                           limits={"max_image_count": MAX_IMAGE_COUNT, "max_steps": MAX_STEPS},
+                           limits={"max_image_count": MAX_IMAGE_COUNT, "max_steps": MAX_STEPS,
+                                   "max_output_pixels": MAX_OUTPUT_PIXELS, "max_pixel_steps": MAX_PIXEL_STEPS,
+                                   "max_control_maps": MAX_CONTROL_MAPS, "max_guidance": MAX_GUIDANCE,
+                                   "max_image_side": MAX_SIDE},
                            components=["flux-transformer", "vae", "scheduler", "controlnet (on first use)"],
                            startup=startup_info(model))
 

@@ -12,6 +12,7 @@ import hmac
 import logging
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from qwen2vl_flux.client.errors import InvalidArgument
 from qwen2vl_flux.client.help_format import DefaultsHelpFormatter
 from qwen2vl_flux.client.images import DEFAULT_MAX_PIXELS
+from qwen2vl_flux.client.modes import check_request_id
 from qwen2vl_flux.client.wire import MAX_MESSAGE_BYTES
 
 from .logs import LOG_FORMATS, setup_logging
@@ -143,9 +145,16 @@ class _Call:
     def __init__(self, host: "ModelHost", rpc: str, request, context):
         self.host, self.rpc = host, rpc
         self.rid = request_id(request, context)
+        self.bad_rid = None
+        try:
+            check_request_id(self.rid)
+        except InvalidArgument as e:
+            self.bad_rid, self.rid = e, self.rid[:32] + "..."   # a 1 MB id must not reach the log
         self.start = time.perf_counter()
 
     def __enter__(self):
+        if self.bad_rid is not None:
+            raise self.bad_rid
         if self.host.draining:
             raise Draining("this server is shutting down; retry (another replica, or this one once restarted)")
         self.host.active += 1
@@ -226,6 +235,7 @@ class ModelHost:
         self.active = 0            # RPC handlers in flight (drain waits for them)
         self.waiting = 0
         self._turn = asyncio.Lock()  # FIFO: waiters are woken in arrival order
+        self._running = None         # the model thread's current job (concurrent future)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=thread_init)
 
     def require(self):
@@ -234,10 +244,18 @@ class ModelHost:
         return self.model
 
     @contextlib.asynccontextmanager
-    async def turn(self, rpc: str):
-        """Wait for the model in arrival order, or be refused at once when the queue is full."""
+    async def turn(self, rpc: str, prepare: Callable[[], Any] | None = None):
+        """Wait for the model in arrival order, or be refused at once when the queue is full.
+
+        Admission comes first: `prepare` (decoding uploads) runs in a worker thread while the
+        request waits, counted as queued, so a refused request costs nothing. Yields a `Turn`
+        with what `prepare` returned. The model is handed on only when the model thread has
+        let go: a cancelled caller's job is told to stop (`Turn.stop`) and keeps the slot
+        until it does, so the queue and its metrics stay true."""
         self.require()
-        if self._turn.locked() and self.waiting >= self.max_queue:
+        # Admitted requests may not hold the lock yet (it is taken after `prepare`): count
+        # them all, so a burst on an idle server is bounded too.
+        if self.waiting >= self.max_queue + (0 if self._turn.locked() else 1):
             if self.metrics is not None:
                 self.metrics.rejected.labels(self.role, "queue_full").inc()
             raise QueueFull(f"{self.role} is busy: {self.waiting} requests already wait (--max-queue "
@@ -245,20 +263,47 @@ class ModelHost:
         self.waiting += 1
         self._gauge()
         start = time.perf_counter()
+        turn = Turn()
+        acquire = asyncio.ensure_future(self._turn.acquire())
+        preparing = asyncio.get_running_loop().run_in_executor(None, prepare) if prepare is not None else None
         try:
-            await self._turn.acquire()
-        finally:
-            self.waiting -= 1
-            self._gauge()
+            if preparing is not None:
+                turn.prepared = await asyncio.shield(preparing)
+            await acquire
+        except BaseException:
+            acquire.cancel()
+            if acquire.done() and not acquire.cancelled():
+                self._turn.release()
+            if preparing is not None and not preparing.done():
+                # A decode cannot be interrupted: it stays counted as queued until it ends.
+                preparing.add_done_callback(lambda f: (f.cancelled() or f.exception(), self._leave_queue()))
+                raise
+            self._leave_queue()
+            raise
+        self._leave_queue()
         if self.metrics is not None:
             self.metrics.queue_time.labels(self.role, rpc).observe(time.perf_counter() - start)
             self.metrics.in_flight.labels(self.role).set(1)
         try:
-            yield
+            yield turn
         finally:
-            self._turn.release()
-            if self.metrics is not None:
-                self.metrics.in_flight.labels(self.role).set(0)
+            running = self._running
+            if running is not None and not running.done():
+                turn.stop.set()
+                loop = asyncio.get_running_loop()
+                running.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
+            else:
+                self._release()
+
+    def _leave_queue(self) -> None:
+        self.waiting -= 1
+        self._gauge()
+
+    def _release(self) -> None:
+        self._running = None
+        self._turn.release()
+        if self.metrics is not None:
+            self.metrics.in_flight.labels(self.role).set(0)
 
     def _gauge(self) -> None:
         if self.metrics is not None:
@@ -278,33 +323,116 @@ class ModelHost:
                 torch.cuda.empty_cache()
                 raise
 
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, guarded)
+        self._running = self._executor.submit(guarded)
+        return await asyncio.wrap_future(self._running)
+
+
+class Turn:
+    """One request's hold on the model: what was prepared while it waited, and the flag
+    that tells its job on the model thread to stop (the caller went away)."""
+
+    def __init__(self):
+        self.prepared = None
+        self.stop = threading.Event()
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
     """Shared-token auth from `authorization: Bearer <token>` metadata. Health stays
-    open so orchestrators' gRPC probes work without the secret."""
+    open so orchestrators' gRPC probes work without the secret. Refusals are counted
+    (`rejected_total{reason="unauthenticated"}`) and logged with peer, RPC and reason,
+    never the token, at most one line a second (the rest are counted in the next line)."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, metrics: Metrics | None = None, role: str = ""):
         self._expected = f"Bearer {token}".encode()
+        self.metrics, self.role = metrics, role
+        self._last_log, self._unlogged = 0.0, 0
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if details.method.startswith("/grpc.health.v1.Health/") or handler is None:
             return handler
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(given.encode(), self._expected):
+        given = [v for k, v in details.invocation_metadata or () if k == "authorization"]
+        if len(given) == 1 and hmac.compare_digest(_as_bytes(given[0]), self._expected):
             return handler
+        if len(given) > 1:
+            reason, message = "several authorization headers", "send exactly one 'authorization: Bearer <token>'"
+        else:
+            reason = "missing token" if not given else "wrong token"
+            message = "missing or wrong token: send metadata 'authorization: Bearer <token>'"
 
         async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or wrong token: send metadata 'authorization: Bearer <token>'")
+            self._refused(context.peer(), details.method, reason)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(deny, handler.request_deserializer,
                                                         handler.response_serializer)
         return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+
+    def _refused(self, peer: str, method: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels(self.role, "unauthenticated").inc()
+        now = time.monotonic()
+        if now - self._last_log < 1.0:
+            self._unlogged += 1
+            return
+        log.warning("unauthenticated call refused", extra={"fields": dict(
+            peer=peer, rpc=method, reason=reason, unlogged_since_last=self._unlogged)})
+        self._last_log, self._unlogged = now, 0
+
+
+def _as_bytes(value) -> bytes:
+    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+
+
+class _Undecodable:
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class RequestDecoding(grpc.aio.ServerInterceptor):
+    """Bytes that do not parse as the request message get INVALID_ARGUMENT and a log
+    line (gRPC alone answers UNKNOWN and logs nothing)."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith("/qwen2vl_flux.") or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def deserialize(data: bytes):
+            try:
+                return parse(data)
+            except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+                return _Undecodable(e)
+
+        async def refuse(request, context):
+            log.warning("undecodable request refused", extra={"fields": dict(
+                peer=context.peer(), rpc=details.method, error=f"{type(request.error).__name__}: {request.error}")})
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request bytes are not a valid {details.method.rsplit('/', 1)[-1]} message")
+
+        if handler.unary_stream:
+            inner = handler.unary_stream
+
+            async def stream(request, context):
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                    return
+                async for item in inner(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(stream, deserialize, handler.response_serializer)
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary(request, context):
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, deserialize, handler.response_serializer)
+        return handler
 
 
 def _read_token(args) -> str | None:
@@ -343,7 +471,8 @@ async def serve(args: argparse.Namespace, role: str, service_name: str,
                ("grpc.max_send_message_length", args.max_message_bytes),
                ("grpc.so_reuseport", 0)]
     token = _read_token(args)
-    server = grpc.aio.server(options=options, interceptors=[TokenAuth(token)] if token else [])
+    interceptors = ([TokenAuth(token, metrics, role)] if token else []) + [RequestDecoding()]
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     add_servicer(server, host)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -415,8 +544,12 @@ def server_info(role: str, model, args: argparse.Namespace, **fields) -> "pb.Ser
     """What GetInfo answers on both servers; `fields` adds the role's own (limits too)."""
     from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 
+    from qwen2vl_flux.client.images import IMAGE_FORMATS
+    from qwen2vl_flux.client.modes import MAX_REQUEST_ID_LENGTH, MIN_IMAGE_SIDE
+
     limits = pb.Limits(max_message_bytes=args.max_message_bytes, max_image_pixels=args.max_image_pixels,
-                       max_queue=args.max_queue, **fields.pop("limits", {}))
+                       max_queue=args.max_queue, max_request_id_length=MAX_REQUEST_ID_LENGTH,
+                       min_image_side=MIN_IMAGE_SIDE, image_formats=IMAGE_FORMATS, **fields.pop("limits", {}))
     if model.layout.native_size is not None:
         fields.setdefault("native_size", model.layout.native_size)
     return pb.ServerInfo(role=role, fingerprint=model.fingerprint, dtype=str(model.dtype).removeprefix("torch."),

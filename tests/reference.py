@@ -412,6 +412,8 @@ def _controlnet_generate(checkpoints: str, image: Image.Image, maps: list[tuple[
     conds = [_pack(_vae_sample(vae, processor.preprocess(control.convert("RGB"), height=height, width=width)
                                .repeat_interleave(batch, 0), generator))
              for control, _, _ in maps]
+    # The init image is encoded in the preprocessor's channels-last view, as the original does (a
+    # contiguous copy changes the last bit); control maps go through repeat_interleave, a copy.
     init = _vae_sample(vae, processor.preprocess(init_image, height=height, width=width), generator)
     init = _pack(init.repeat(batch, 1, 1, 1))
     noise = _pack(randn_tensor((batch, channels, latent_h, latent_w), generator=generator, dtype=torch.float32))

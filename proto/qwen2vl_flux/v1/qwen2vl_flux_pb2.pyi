@@ -155,18 +155,36 @@ class Versions(_message.Message):
     def __init__(self, package: _Optional[str] = ..., api: _Optional[str] = ..., torch: _Optional[str] = ..., transformers: _Optional[str] = ..., diffusers: _Optional[str] = ..., grpc: _Optional[str] = ..., protobuf: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_image_pixels", "max_image_count", "max_steps", "max_queue")
+    __slots__ = ("max_message_bytes", "max_image_pixels", "max_image_count", "max_steps", "max_queue", "max_prompt_bytes", "max_request_id_length", "max_output_pixels", "max_pixel_steps", "max_control_maps", "max_guidance", "min_image_side", "max_image_side", "image_formats")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_ID_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PIXEL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTROL_MAPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    MIN_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FORMATS_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_image_pixels: int
     max_image_count: int
     max_steps: int
     max_queue: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_image_count: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_queue: _Optional[int] = ...) -> None: ...
+    max_prompt_bytes: int
+    max_request_id_length: int
+    max_output_pixels: int
+    max_pixel_steps: int
+    max_control_maps: int
+    max_guidance: float
+    min_image_side: int
+    max_image_side: int
+    image_formats: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_image_count: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_prompt_bytes: _Optional[int] = ..., max_request_id_length: _Optional[int] = ..., max_output_pixels: _Optional[int] = ..., max_pixel_steps: _Optional[int] = ..., max_control_maps: _Optional[int] = ..., max_guidance: _Optional[float] = ..., min_image_side: _Optional[int] = ..., max_image_side: _Optional[int] = ..., image_formats: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ("request_id",)
