@@ -129,7 +129,16 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.CANCELLED, str(error)
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"GPU out of memory; memory was released, retry smaller: {error}"
+    if _host_out_of_memory(error):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, ("out of host memory for this request; retry smaller "
+                                                    f"(a smaller image, pixel budget or size): {error}")
     return grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
+
+
+def _host_out_of_memory(error: BaseException) -> bool:
+    """torch's CPU allocator refusing an allocation (a request too large for this host's RAM)."""
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error))
 
 
 def request_id(request, context) -> str:
