@@ -13,7 +13,8 @@ printed at the end of the run.
 
 Without an engine the module skips with a message, except under CI=true, where that fails.
 Environment: QWEN2VL_FLUX_DOCKER / QWEN2VL_FLUX_COMPOSE (the CLIs), QWEN2VL_FLUX_CHECK_BASE_IMAGE
-(the local base's tag); QWEN2VL_FLUX_CPU_BASE_IMAGE and QWEN2VL_FLUX_CPU_TORCH_INDEX_URL, when
+(the local base's tag), QWEN2VL_FLUX_CHECK_CLEANUP=1 (remove the images and build cache after the
+run, as CI does; otherwise they stay for the next run's layer cache); QWEN2VL_FLUX_CPU_BASE_IMAGE and QWEN2VL_FLUX_CPU_TORCH_INDEX_URL, when
 set, build on a pullable base from an index instead."""
 from __future__ import annotations
 
@@ -218,6 +219,10 @@ def stack(engine, tmp_path_factory, report):
     finally:
         if not state["down"]:
             run([*compose_cmd, "down", "-v", "--remove-orphans", "-t", "10"], env=env, check=False, timeout=300)
+        if os.environ.get("QWEN2VL_FLUX_CHECK_CLEANUP") == "1":
+            # CI: leave the disk as it was (the images, the base made here, the build cache).
+            run([docker, "image", "rm", "-f", *images, BASE_IMAGE], check=False)
+            run([docker, "builder", "prune", "-af"], check=False, timeout=300)
 
 
 # ------------------------------------------------------------------ helpers on the running stack
