@@ -221,7 +221,9 @@ def stack(engine, tmp_path_factory, report):
             run([*compose_cmd, "down", "-v", "--remove-orphans", "-t", "10"], env=env, check=False, timeout=300)
         if os.environ.get("QWEN2VL_FLUX_CHECK_CLEANUP") == "1":
             # CI: leave the disk as it was (the images, the base made here, the build cache).
-            run([docker, "image", "rm", "-f", *images, BASE_IMAGE], check=False)
+            for image in (*images, BASE_IMAGE):
+                run([docker, "image", "rm", "-f", image], check=False)
+            run([docker, "image", "prune", "-f", "--filter", "label=org.opencontainers.image.title"], check=False)
             run([docker, "builder", "prune", "-af"], check=False, timeout=300)
 
 
