@@ -644,6 +644,12 @@ def test_deployment(role):
     uid, gid = last_instruction(dockerfile_stages(), role, "USER").split(":")
     assert (security["runAsUser"], security["runAsGroup"]) == (int(uid), int(gid))
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]], "a read-only root needs a writable /tmp"
+    if role == "generator":
+        compile_cache = mounts["/cache/compile"]
+        assert compile_cache["name"] != mounts["/cache"]["name"] and not compile_cache.get("readOnly")
 
     # Metrics where Prometheus looks for them.
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
