@@ -2,8 +2,8 @@
 them, restart and crash them.
 
 On a machine with a Docker engine (20.10+) and Compose v2 this module builds every image that
-the compose file's `cpu` and `cli` profiles name (encoder, generator, CLI, and any later one such
-as a gateway) on a local Debian base made with mmdebstrap (no registry needed), starts the `cpu`
+the compose file's profiles other than `gpu` name (`cpu`, `cli`, and any later one such as
+`gateway`) on a local Debian base made with mmdebstrap (no registry needed), starts the `cpu`
 profile (the tiny preset written into a volume by the compose file itself), and checks what a
 user relies on: both halves healthy, a generation through the CLI container and from the host on
 the published loopback ports, a `docker compose restart` of the generator while requests run, a
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from PIL import Image
 
 from qwen2vl_flux.client import Client, ServiceError
@@ -180,11 +181,23 @@ def stack(engine, tmp_path_factory, report):
         torch_wheel()
         env.update(QWEN2VL_FLUX_CPU_BASE_IMAGE=BASE_IMAGE, QWEN2VL_FLUX_CLI_BASE_IMAGE=BASE_IMAGE,
                    QWEN2VL_FLUX_CPU_TORCH_INDEX_URL="https://pypi.org/simple")
-    compose_cmd = [compose, "--project-directory", ROOT, "-f", ROOT / "docker-compose.yml",
-                   "--profile", "cpu", "--profile", "cli"]
+    # Every other secret file the compose file names (a gateway's API keys, say): one made here.
+    for variable in re.findall(r"file: \$\{(\w+)", (ROOT / "docker-compose.yml").read_text()):
+        if variable != "QWEN2VL_FLUX_TOKEN_FILE":
+            secret = tmp / variable.lower()
+            secret.write_text(f"check-{variable.lower()}\n")
+            secret.chmod(0o644)
+            env[variable] = str(secret)
+    # Every profile but the GPU one: cpu, cli, and any later one (gateway).
+    profiles = sorted({p for s in yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"].values()
+                       for p in s.get("profiles", [])} - {"gpu"})
+    assert {"cpu", "cli"} <= set(profiles)
+    compose_cmd = [compose, "--project-directory", ROOT, "-f", ROOT / "docker-compose.yml"]
+    for profile in profiles:
+        compose_cmd += ["--profile", profile]
     config = json.loads(run([*compose_cmd, "config", "--format", "json"], env=env).stdout)
 
-    # Every image the two profiles name, once: (image, target, args).
+    # Every image those profiles name, once: (image, target, args).
     images = {}
     for name, service in config["services"].items():
         if "build" in service:
@@ -192,7 +205,7 @@ def stack(engine, tmp_path_factory, report):
     targets = {target for target, _ in images.values()}
     assert {"encoder", "generator", "cli"} <= targets
     assert "gateway" not in dockerfile_targets() or "gateway" in targets, \
-        "the Dockerfile has a gateway target but no compose service in the cpu/cli profiles builds it"
+        "the Dockerfile has a gateway target but no compose service outside the gpu profile builds it"
     ca = build_ca(tmp)
     revision = run(["git", "-C", ROOT, "rev-parse", "HEAD"], check=False).stdout.strip() or "unknown"
     build_env = dict(env, DOCKER_BUILDKIT="1")
