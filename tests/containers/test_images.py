@@ -483,7 +483,8 @@ def test_generator_restart_while_requests_run(stack):
         t.join(120)
     assert not any(t.is_alive() for t in threads), "a request hung through the restart"
     codes = [o for _, _, o in outcomes]
-    bad = [c for c in codes if c != "ok" and c not in RETRYABLE]
+    bad = [f"{o.name} (sent {began - started:+.1f} s, ended {end - started:+.1f} s from the restart; "
+           f"restart took {restarted - started:.1f} s)" for began, end, o in outcomes if o != "ok" and o not in RETRYABLE]
     assert not bad, f"non-retryable failures through the restart: {bad}"
     assert any(o == "ok" for _, end, o in outcomes if end < started), "no request ran before the restart"
     # In flight when the restart began: drained (finished) or refused as retryable, never lost.
