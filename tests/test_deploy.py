@@ -314,9 +314,13 @@ def test_build_context_sends_only_what_the_images_copy():
     allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
     for stage in dockerfile_stages().values():
         for keyword, rest in stage["instructions"]:
-            if keyword != "COPY" or "--from=" in rest:
+            if keyword == "RUN":
+                # RUN --mount=type=bind,source=X: X comes from the context too.
+                sources = re.findall(r"--mount=type=bind,(?:\S*,)?source=([^,\s]+)", rest)
+            elif keyword != "COPY" or "--from=" in rest:
                 continue
-            sources = [w for w in rest.split() if not w.startswith("--")][:-1]
+            else:
+                sources = [w for w in rest.split() if not w.startswith("--")][:-1]
             for source in sources:
                 assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
                 assert source.rstrip("/") in allowed, f"COPY {source}: excluded by {DOCKERIGNORE.name}"
@@ -434,7 +438,7 @@ def test_compose_servers(name):
 
 
 def test_compose_cpu_profile_runs_the_tiny_preset():
-    services = compose()["services"]
+    services = yaml.safe_load(interpolate(COMPOSE.read_text(), {}))["services"]
     tiny = services["tiny"]
     assert tiny["profiles"] == ["cpu"] and tiny["restart"] == "no"
     assert tiny["entrypoint"][:2] == ["qwen2vl-flux", "make-tiny-checkpoints"]
@@ -468,6 +472,71 @@ def test_compose_cli_service():
                 names.add(name)
                 names.update((service.get("networks") or {}).get("default", {}).get("aliases", []))
         assert {"encoder", "generator"} <= names, profile
+
+
+def test_files_work_on_docker_engine_20_10():
+    """Engine 20.10 (Debian's docker.io) is the oldest engine the container check runs on: no
+    `# syntax` line (BuildKit would pull that frontend from a registry), no --start-interval or
+    start_interval (Engine 25+)."""
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
+    assert not any("--start-interval" in rest for kw, rest in dockerfile_instructions() if kw == "HEALTHCHECK")
+    for name, service in compose()["services"].items():
+        assert "start_interval" not in service.get("healthcheck", {}), name
+
+
+def test_images_carry_oci_labels():
+    stages = dockerfile_stages()
+    for target in ("encoder", "generator", "cli"):
+        labels = " ".join(rest for name in stage_chain(stages, target) for kw, rest in stages[name]["instructions"]
+                          if kw == "LABEL")
+        for key in ("title", "description", "version", "revision", "licenses", "base.name"):
+            assert f"org.opencontainers.image.{key}=" in labels, f"{target}: no {key} label"
+        assert f'org.opencontainers.image.title="qwen2vl-flux-{target}"' in labels
+
+
+def test_build_secrets_and_wheels_stay_out_of_shipped_layers():
+    """The build-time CA is a build secret and extra wheels a bind mount, both only in the build
+    stages (nothing COPYs them), so no image that ships carries them."""
+    stages = dockerfile_stages()
+    for name, stage in stages.items():
+        for keyword, rest in stage["instructions"]:
+            if keyword == "COPY":
+                assert "docker/build" not in rest and "ca-certificates" not in rest, f"{name}: COPY {rest}"
+            if keyword == "RUN" and "pip-install.sh" in rest:
+                assert name in ("build", "cli-build"), f"{name} installs with pip"
+                assert "--mount=type=secret,id=build_ca" in rest
+    assert "/build/wheels" in (ROOT / "docker" / "build" / "pip-install.sh").read_text()
+
+
+@pytest.mark.parametrize("name", [*GPU_SERVICES, *CPU_SERVICES, "tiny", "cli"])
+def test_compose_services_are_hardened(name):
+    service = compose()["services"][name]
+    assert service["read_only"] is True
+    assert service["cap_drop"] == ["ALL"] and "cap_add" not in service
+    assert "no-new-privileges:true" in service["security_opt"]
+    assert any(str(t).split(":")[0] == "/tmp" for t in service["tmpfs"])
+    assert service["init"] is True
+
+
+def test_compose_network_has_its_own_subnet_and_ports_stay_on_loopback():
+    import ipaddress
+
+    top = yaml.safe_load(interpolate(COMPOSE.read_text(), {}))
+    (config,) = top["networks"]["default"]["ipam"]["config"]
+    assert ipaddress.ip_network(config["subnet"]).is_private
+    for name, service in top["services"].items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name}: {port}"
+
+
+@pytest.mark.parametrize("name", ["generator", "generator-cpu"])
+def test_generator_compile_cache_has_its_own_volume(name):
+    top = compose()
+    mounts = {v["target"]: v for v in top["services"][name]["volumes"]}
+    compile_cache = mounts["/cache/compile"]
+    assert compile_cache["type"] == "volume" and compile_cache["source"] in top["volumes"]
+    assert compile_cache["source"] != mounts["/cache"]["source"]
 
 
 # ------------------------------------------------------------------ deploy/kubernetes
@@ -576,6 +645,12 @@ def test_deployment(role):
     uid, gid = last_instruction(dockerfile_stages(), role, "USER").split(":")
     assert (security["runAsUser"], security["runAsGroup"]) == (int(uid), int(gid))
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]], "a read-only root needs a writable /tmp"
+    if role == "generator":
+        compile_cache = mounts["/cache/compile"]
+        assert compile_cache["name"] != mounts["/cache"]["name"] and not compile_cache.get("readOnly")
 
     # Metrics where Prometheus looks for them.
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
