@@ -16,7 +16,8 @@ from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
 
 from .api import (ControlMaps, GenerationEvents, GenerationResult, ImageLike, ServiceError, control_kinds,
-                  control_maps_from_proto, control_maps_request, encode_request, generate_request, service_error)
+                  control_maps_from_proto, control_maps_request, encode_request, generate_request, service_error,
+                  status_of)
 from .channels import ENCODER_SERVICE, GENERATOR_SERVICE, TLSFiles, open_channel
 from .modes import Focus, Mode
 from .wire import MAX_MESSAGE_BYTES
@@ -105,7 +106,7 @@ class AsyncClient:
                             await returned
                 break
             except grpc.RpcError as e:
-                if not events.replayable(e.code(), attempt + 1 < attempts):
+                if not events.replayable(status_of(e), attempt + 1 < attempts):
                     raise self._error("generator", e) from None
             finally:
                 call.cancel()   # no-op once finished; stops the job when this task is cancelled

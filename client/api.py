@@ -160,7 +160,7 @@ class Client:
                         progress(step)
                 break
             except grpc.RpcError as e:
-                if not events.replayable(e.code(), attempt + 1 < attempts):
+                if not events.replayable(status_of(e), attempt + 1 < attempts):
                     raise self._error("generator", e) from None
         return events.result(f"generator at {self.addresses['generator']}", output_format)
 
@@ -352,10 +352,22 @@ class GenerationEvents:
 
 def service_error(service: str, address, error: grpc.RpcError) -> ServiceError:
     """The error a caller sees, with what to do when nothing answers at `address`."""
-    details = error.details() or ""
-    if error.code() == grpc.StatusCode.UNAVAILABLE and _no_connection(details):
+    code, details = status_of(error), error.details() or ""
+    if code != error.code():
+        details = f"the server ended the call ({details or 'cancelled'}): it is stopping or restarting; retry"
+    elif code == grpc.StatusCode.UNAVAILABLE and _no_connection(details):
         details += f"; {unavailable_hint(service, address)}"
-    return ServiceError(f"{service} at {address}", error.code(), details)
+    return ServiceError(f"{service} at {address}", code, details)
+
+
+def status_of(error: grpc.RpcError) -> grpc.StatusCode:
+    """The call's status as the caller should read it: CANCELLED that this process did not ask
+    for (a server shutting down cancels what it has not finished) is UNAVAILABLE, so it is
+    retried like any other unavailable server."""
+    code = error.code()
+    if code == grpc.StatusCode.CANCELLED and "locally cancelled" not in (error.details() or "").lower():
+        return grpc.StatusCode.UNAVAILABLE
+    return code
 
 
 def _no_connection(details: str) -> bool:

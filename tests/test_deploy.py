@@ -504,12 +504,12 @@ def test_build_secrets_and_wheels_stay_out_of_shipped_layers():
             if keyword == "COPY":
                 assert "docker/build" not in rest and "ca-certificates" not in rest, f"{name}: COPY {rest}"
             if keyword == "RUN" and "pip-install.sh" in rest:
-                assert name in ("build", "cli-build"), f"{name} installs with pip"
+                assert name in ("build", "cli-build", "gateway-build"), f"{name} installs with pip"
                 assert "--mount=type=secret,id=build_ca" in rest
     assert "/build/wheels" in (ROOT / "docker" / "build" / "pip-install.sh").read_text()
 
 
-@pytest.mark.parametrize("name", [*GPU_SERVICES, *CPU_SERVICES, "tiny", "cli"])
+@pytest.mark.parametrize("name", [*GPU_SERVICES, *CPU_SERVICES, "tiny", "cli", "gateway"])
 def test_compose_services_are_hardened(name):
     service = compose()["services"][name]
     assert service["read_only"] is True
