@@ -321,7 +321,7 @@ def test_images_are_labelled_non_root_and_carry_no_build_secret(stack):
         assert labels.get("org.opencontainers.image.revision") == stack["revision"]
         assert labels.get("org.opencontainers.image.licenses") == "Apache-2.0"
         assert labels.get("org.opencontainers.image.version")
-        base = args.get("CLI_BASE_IMAGE" if target == "cli" else "BASE_IMAGE")
+        base = args.get("CLI_BASE_IMAGE" if target in ("cli", "gateway") else "BASE_IMAGE")
         assert labels.get("org.opencontainers.image.base.name") == base
         assert config["User"] == UID_GID, f"{image} runs as {config['User']!r}"
         if target in ("encoder", "generator"):
