@@ -46,6 +46,14 @@ def timed(fn, runs: int = 5, warm: int = 2) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def once(fn) -> float:
+    """Seconds of one call, the GPU finished (a first call: compilation included)."""
+    begin = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - begin
+
+
 def peak(out: Path) -> None:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -146,21 +154,12 @@ def step(out: Path, deadline: float, variants: list[str]) -> None:
                 model.compile_repeated_blocks(fullgraph=True)
                 compiled = True
             with torch.inference_mode():
-                t0 = time.perf_counter()
-                model(**inputs)
-                torch.cuda.synchronize()
-                compile_s = time.perf_counter() - t0
+                compile_s = once(lambda: model(**inputs))
                 s = timed(lambda: model(**inputs), 5, 1)
                 other = transformer_inputs(text=520 + 256, side=1024)
-                t0 = time.perf_counter()
-                model(**other)
-                torch.cuda.synchronize()
-                second_text = time.perf_counter() - t0
+                second_text = once(lambda: model(**other))
                 wide = transformer_inputs(text=768, side=1344 // 16 * 16)
-                t0 = time.perf_counter()
-                model(**wide)
-                torch.cuda.synchronize()
-                new_size = time.perf_counter() - t0
+                new_size = once(lambda: model(**wide))
             emit(out, section="step", kind=variant, seconds=s, mfu=flops / s / 790e12, first_call=compile_s,
                  other_text_first=second_text, other_size_first=new_size,
                  recompiles=dict(torch._dynamo.utils.counters.get("recompiles", {})) or None,
@@ -180,10 +179,7 @@ def vae(out: Path) -> None:
         emit(out, section="vae", kind="channels_last",
              seconds=timed(lambda: model.decode(latents, return_dict=False), 5, 2))
         model.decoder = torch.compile(model.decoder, fullgraph=True)
-        t0 = time.perf_counter()
-        model.decode(latents, return_dict=False)
-        torch.cuda.synchronize()
-        first = time.perf_counter() - t0
+        first = once(lambda: model.decode(latents, return_dict=False))
         emit(out, section="vae", kind="compiled_channels_last", first_call=first,
              seconds=timed(lambda: model.decode(latents, return_dict=False), 5, 2))
 
@@ -235,10 +231,7 @@ def torchao_fp8(out: Path) -> None:
     model.compile_repeated_blocks(fullgraph=True)
     inputs = transformer_inputs()
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        model(**inputs)
-        torch.cuda.synchronize()
-        first = time.perf_counter() - t0
+        first = once(lambda: model(**inputs))
         s = timed(lambda: model(**inputs), 3, 1)
     emit(out, section="torchao", kind="fp8_row", seconds=s, first_call=first,
          frames=dict(torch._dynamo.utils.counters["stats"]))

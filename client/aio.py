@@ -13,36 +13,18 @@ import uuid
 import grpc
 
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
-from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
 
-from .api import (ControlMaps, GenerationEvents, GenerationResult, ImageLike, ServiceError, control_kinds,
-                  control_maps_from_proto, control_maps_request, encode_request, generate_request, service_error,
-                  status_of)
-from .channels import ENCODER_SERVICE, GENERATOR_SERVICE, TLSFiles, open_channel
+from .api import (ControlMaps, GenerationEvents, GenerationResult, ImageLike, ServiceError, _Services,
+                  control_kinds, control_maps_from_proto, control_maps_request, encode_request, generate_request,
+                  service_error, status_of)
 from .modes import Focus, Mode
-from .wire import MAX_MESSAGE_BYTES
 
 
-class AsyncClient:
+class AsyncClient(_Services):
     """Both halves behind one object, for asyncio. Arguments as `Client`; use it as
     `async with AsyncClient(...) as client:` or call `await client.close()`."""
 
-    def __init__(self, encoder: "str | list[str]" = "127.0.0.1:50051",
-                 generator: "str | list[str]" = "127.0.0.1:50052", timeout: float = 600.0,
-                 token: str | None = None, tls: TLSFiles | None = None, tls_ca: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None,
-                 retry_generation: bool = False, max_message_bytes: int = MAX_MESSAGE_BYTES):
-        if tls is None and (tls_ca or tls_cert or tls_key):
-            tls = TLSFiles(tls_ca, tls_cert, tls_key)
-        self.timeout = timeout
-        self.retry_generation = retry_generation
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channels = [open_channel(encoder, ENCODER_SERVICE, tls, max_message_bytes, aio=True),
-                          open_channel(generator, GENERATOR_SERVICE, tls, max_message_bytes, aio=True)]
-        self._encoder = pb_grpc.EncoderStub(self._channels[0])
-        self._generator = pb_grpc.GeneratorStub(self._channels[1])
-        self.addresses = {"encoder": encoder, "generator": generator}
-        self._encoder_info: pb.ServerInfo | None = None
+    aio = True
 
     async def close(self) -> None:
         for channel in self._channels:

@@ -71,14 +71,11 @@ def _focus(value) -> Focus | None:
     return Focus(*value)
 
 
-class Client:
-    """Both halves behind one object. `encoder` / `generator`: "host:port", several
-    ("10.0.0.1:50052,10.0.0.2:50052" or a list) or a gRPC target ("dns:///svc:50052");
-    calls spread over replicas round-robin. `token` is sent as a bearer token; `tls`
-    (or tls_ca / tls_cert / tls_key) switches to TLS or mutual TLS. Every call has a
-    deadline (`timeout` seconds). `retry_generation` re-runs a generation that failed
-    with UNAVAILABLE before any image arrived (same request and seed, so the same
-    images) on another replica; off by default, since a generation is not free."""
+class _Services:
+    """The connection to both halves that Client and AsyncClient share: channels (grpc.aio
+    ones when `aio`), stubs, bearer metadata and the call settings."""
+
+    aio = False
 
     def __init__(self, encoder: "str | list[str]" = "127.0.0.1:50051",
                  generator: "str | list[str]" = "127.0.0.1:50052", timeout: float = 600.0,
@@ -90,12 +87,23 @@ class Client:
         self.timeout = timeout
         self.retry_generation = retry_generation
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channels = [open_channel(encoder, ENCODER_SERVICE, tls, max_message_bytes),
-                          open_channel(generator, GENERATOR_SERVICE, tls, max_message_bytes)]
+        self._channels = [open_channel(encoder, ENCODER_SERVICE, tls, max_message_bytes, aio=self.aio),
+                          open_channel(generator, GENERATOR_SERVICE, tls, max_message_bytes, aio=self.aio)]
         self._encoder = pb_grpc.EncoderStub(self._channels[0])
         self._generator = pb_grpc.GeneratorStub(self._channels[1])
         self.addresses = {"encoder": encoder, "generator": generator}
         self._encoder_info: pb.ServerInfo | None = None
+
+
+class Client(_Services):
+    """Both halves behind one object. `encoder` / `generator`: "host:port", several
+    ("10.0.0.1:50052,10.0.0.2:50052" or a list) or a gRPC target ("dns:///svc:50052");
+    calls spread over replicas round-robin. `token` is sent as a bearer token; `tls`
+    (or tls_ca / tls_cert / tls_key) switches to TLS or mutual TLS. Every call has a
+    deadline (`timeout` seconds). `retry_generation` re-runs a generation that failed
+    with UNAVAILABLE before any image arrived (same request and seed, so the same
+    images) on another replica; off by default, since a generation is not free."""
+
 
     def close(self) -> None:
         for channel in self._channels:
