@@ -73,7 +73,8 @@ def _make_model(args, **kwargs):
     if warm != "none":
         start = time.perf_counter()
         generator.warm_up([Mode.parse(m) for m in warm.split(",")],
-                          on_phase=lambda name, seconds: log_event(name, seconds=round(seconds, 2)))
+                          on_phase=lambda name, seconds, graphs: log_event(name, seconds=round(seconds, 2),
+                                                                           graphs_compiled=graphs))
         generator.startup["warm_up"] = time.perf_counter() - start
         log_event("warm-up done", seconds=round(generator.startup["warm_up"], 2), modes=warm)
         if generator.compile_cache is not None:

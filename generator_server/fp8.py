@@ -2,7 +2,9 @@
 
 Weights are stored once in float8_e4m3fn with a scale per output row; activations are
 scaled per row (or per tensor) on the fly, and the product is one `torch._scaled_mm`
-(cuBLASLt / CUTLASS fp8 tensor cores on Hopper). A plain module with buffers, not a
+(cuBLASLt / CUTLASS fp8 tensor cores on Hopper) with fast accumulation, as torchao's inference
+fp8 does (Hopper's fp8 products accumulate in reduced precision between flushes; it is turbo's
+trade, measured in BENCHMARKS.md). A plain module with buffers, not a
 tensor subclass: torch.compile traces one graph per block class that every block shares,
 so fp8 compiles as quickly as bf16 (torchao's subclass weights recompiled per block).
 """
@@ -42,7 +44,7 @@ class Fp8Linear(torch.nn.Module):
         rows = x.reshape(-1, self.in_features)
         scale = _scale(rows, self.granularity)
         out = torch._scaled_mm(_quantize(rows, scale), self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
-                               bias=self.bias, out_dtype=x.dtype)
+                               bias=self.bias, out_dtype=x.dtype, use_fast_accum=rows.is_cuda)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

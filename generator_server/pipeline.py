@@ -225,7 +225,10 @@ class FluxGenerator:
         """Run each mode once (two steps) so compilation happens before health says SERVING:
         at `size` x `size` with batch 1 and 2 (torch specialises size 1), then a variation of
         another shape, after which the symbolic shapes cover every size. `on_phase(name,
-        seconds)` reports each run."""
+        seconds, graphs)` reports each run with the number of graphs torch.compile built in it
+        (from the compile cache on a hit, but still traced)."""
+        from torch._dynamo.utils import counters
+
         cfg, device, dtype = self.fingerprint, self.device, self.dtype
         picture = Image.new("RGB", (size, size), (128, 96, 64))
         cond = Conditioning({"a": torch.randn(1, 512, cfg.joint_attention_dim, device=device, dtype=dtype)},
@@ -239,10 +242,11 @@ class FluxGenerator:
             params, _ = resolve_parameters(mode, given)
             job = GenerationJob(mode, params, cond, init_image=picture, mask=picture.convert("L"),
                                 control_maps={"depth": picture, "line": picture})
-            start = time.perf_counter()
+            start, graphs = time.perf_counter(), counters["stats"]["unique_graphs"]
             self.generate(job)
             if on_phase is not None:
-                on_phase(f"warm-up {mode.value} {width}x{height} x{count}", time.perf_counter() - start)
+                on_phase(f"warm-up {mode.value} {width}x{height} x{count}", time.perf_counter() - start,
+                         counters["stats"]["unique_graphs"] - graphs)
 
     @property
     def controlnet(self):
