@@ -76,10 +76,20 @@ def _make_model(args, **kwargs):
                           on_phase=lambda name, seconds, graphs: log_event(name, seconds=round(seconds, 2),
                                                                            graphs_compiled=graphs))
         generator.startup["warm_up"] = time.perf_counter() - start
-        log_event("warm-up done", seconds=round(generator.startup["warm_up"], 2), modes=warm)
+        log_event("warm-up done", seconds=round(generator.startup["warm_up"], 2), modes=warm,
+                  compile_seconds=_compile_seconds() if compile_ else {})
         if generator.compile_cache is not None:
             generator.compile_cache.save()
     return generator
+
+
+def _compile_seconds(top: int = 8) -> dict:
+    """torch.compile's own timers (Dynamo tracing, cache loads, Inductor), the largest first:
+    where a slow start-up went."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    totals = sorted(((sum(v), k) for k, v in compilation_time_metrics.items()), reverse=True)[:top]
+    return {name: round(seconds, 2) for seconds, name in totals}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,8 @@ encoder service, and everything after `prompt_embeds` happens here.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +134,52 @@ class _StepReporter:
         self.pending.clear()
 
 
+def _joint_views(text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text and image tokens as views of one joint tensor (text first): the layout a
+    single-stream block returns. Inputs already in it pass through; others are copied."""
+    joint_stride = ((text.shape[1] + image.shape[1]) * text.shape[2], text.shape[2], 1)
+    if text.stride() == image.stride() == joint_stride:
+        return text, image
+    joint = torch.cat([text, image], dim=1)
+    return joint[:, :text.shape[1]], joint[:, text.shape[1]:]
+
+
+def _share_single_block_graphs(model) -> None:
+    """One compiled graph for all single-stream blocks of a batch size, not three.
+
+    Dynamo guards on input strides: the first single block receives contiguous tensors from
+    the last double block, later ones views of the previous block's joint output, and with
+    the ControlNet's residual added the image part is contiguous again; each layout traced
+    its own graph (seconds of every start, cache hit or not). Handing every block the joint
+    view layout before its compiled call costs one copy of the tokens where the layout
+    differs (once a step without a ControlNet) and changes no value."""
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+
+    for block in model.single_transformer_blocks:
+        if type(block) is FluxSingleTransformerBlock:
+            block.__class__ = _single_block_in_joint_layout()
+
+
+@functools.cache
+def _single_block_in_joint_layout() -> type:
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+
+    class _SingleBlockInJointLayout(FluxSingleTransformerBlock):
+        # __call__ runs outside the compiled region (torch.compile wraps _call_impl).
+        def __call__(self, *args, hidden_states, encoder_hidden_states, **kwargs):
+            encoder_hidden_states, hidden_states = _joint_views(encoder_hidden_states, hidden_states)
+            return super().__call__(*args, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                    **kwargs)
+
+    try:   # diffusers' step caches look blocks up by class
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+        TransformerBlockRegistry.register(_SingleBlockInJointLayout,
+                                          copy.copy(TransformerBlockRegistry.get(FluxSingleTransformerBlock)))
+    except (ImportError, ValueError):
+        pass
+    return _SingleBlockInJointLayout
+
+
 def shifted_sigmas(steps: int, image_seq_len: int, config) -> np.ndarray:
     """FLUX.1-dev's resolution-dependent shift of linspace(1, 1/N, N), in float64
     (diffusers casts to float32 before shifting; the reference shifts in float64)."""
@@ -212,6 +260,7 @@ class FluxGenerator:
             # stays eager: compiling its decoder saved 0.045 s a request and cost minutes
             # of start-up with symbolic shapes (BENCHMARKS.md).
             self.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+            _share_single_block_graphs(self.transformer)
 
     def _optimize_controlnet(self, controlnet) -> None:
         options = self.speed
@@ -220,11 +269,13 @@ class FluxGenerator:
         if options.compile:
             for block in list(controlnet.transformer_blocks) + list(controlnet.single_transformer_blocks):
                 block.compile(fullgraph=True, dynamic=True)
+            _share_single_block_graphs(controlnet)
 
     def warm_up(self, modes: list[Mode], size: int = 1024, on_phase: Callable[..., None] | None = None) -> None:
-        """Run each mode once (two steps) so compilation happens before health says SERVING:
-        at `size` x `size` with batch 1 and 2 (torch specialises size 1), then a variation of
-        another shape, after which the symbolic shapes cover every size. `on_phase(name,
+        """Run each mode once (one step) at `size` x `size` so compilation happens before
+        health says SERVING, then a variation with batch 2 (torch specialises size 1) and one
+        of another shape. Four graphs (two block classes, batch 1 and more) then cover every
+        size, text length and mode, the ControlNet's blocks included. `on_phase(name,
         seconds, graphs)` reports each run with the number of graphs torch.compile built in it
         (from the compile cache on a hit, but still traced)."""
         from torch._dynamo.utils import counters
@@ -234,9 +285,10 @@ class FluxGenerator:
         cond = Conditioning({"a": torch.randn(1, 512, cfg.joint_attention_dim, device=device, dtype=dtype)},
                             None, torch.randn(1, cfg.pooled_dim, device=device, dtype=dtype))
         other = (size * 3 // 4 // 16 * 16, size * 21 // 16 // 16 * 16)
-        runs = [(mode, count, (size, size)) for count in (1, 2) for mode in modes] + [(Mode.VARIATION, 1, other)]
+        runs = [(mode, 1, (size, size)) for mode in modes] + [(Mode.VARIATION, 2, (size, size)),
+                                                              (Mode.VARIATION, 1, other)]
         for mode, count, (width, height) in runs:
-            given = {"seed": 0, "steps": 2, "image_count": count}
+            given = {"seed": 0, "steps": 1, "image_count": count}
             if mode is Mode.VARIATION:
                 given.update(width=width, height=height)
             params, _ = resolve_parameters(mode, given)
@@ -252,19 +304,26 @@ class FluxGenerator:
     def controlnet(self):
         """The union ControlNet, loaded on first use and kept (its context_embedder apart)."""
         if self._controlnet is None:
-            from diffusers import FluxControlNetModel
-
-            if self.random_weights:
-                controlnet = full_size.flux_controlnet(self.device, self.dtype)
-            else:
-                self.layout.require(self.layout.controlnet)
-                controlnet = FluxControlNetModel.from_pretrained(self.layout.controlnet, torch_dtype=self.dtype)
-                controlnet = controlnet.to(self.device).eval()
-            self.controlnet_context_embedder = controlnet.context_embedder
-            controlnet.context_embedder = torch.nn.Identity()
-            self._optimize_controlnet(controlnet)
-            self._controlnet = controlnet
+            # Loaded on the first request, inside its inference mode: leave it, so the weights
+            # are ordinary tensors like the transformer's and the compiled block graphs (which
+            # guard on that) are shared instead of traced again for the ControlNet.
+            with torch.inference_mode(False):
+                self._controlnet = self._load_controlnet()
         return self._controlnet
+
+    def _load_controlnet(self):
+        from diffusers import FluxControlNetModel
+
+        if self.random_weights:
+            controlnet = full_size.flux_controlnet(self.device, self.dtype)
+        else:
+            self.layout.require(self.layout.controlnet)
+            controlnet = FluxControlNetModel.from_pretrained(self.layout.controlnet, torch_dtype=self.dtype)
+            controlnet = controlnet.to(self.device).eval()
+        self.controlnet_context_embedder = controlnet.context_embedder
+        controlnet.context_embedder = torch.nn.Identity()
+        self._optimize_controlnet(controlnet)
+        return controlnet
 
     # ------------------------------------------------------------ entry point
 

@@ -10,13 +10,14 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from qwen2vl_flux.client.launch import ServerProcess
 from qwen2vl_flux.client.modes import Mode, resolve_parameters
 from qwen2vl_flux.generator_server.compile_cache import ARTIFACTS, MANIFEST, CompileCache, cache_fields
 from qwen2vl_flux.generator_server.fp8 import Fp8Linear, quantize_linears
 from qwen2vl_flux.generator_server.pipeline import (Conditioning, FluxGenerator, GenerationJob, SpeedOptions,
-                                                    StepCache)
+                                                    StepCache, _share_single_block_graphs)
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
 
@@ -59,6 +60,41 @@ def test_fixed_step_cache_skips_transformer_calls_and_keeps_the_image_close(gene
     assert len(calls) == 10 - len(StepCache(interval=2).skipped(10)) == 8
     assert cached.shape == lossless.shape and (cached != lossless).any()
     assert np.abs(cached - lossless).mean() < 40   # the same picture, not another one
+
+
+def _controlnet_image(generator: FluxGenerator) -> np.ndarray:
+    cfg = generator.fingerprint
+    torch.manual_seed(0)
+    cond = Conditioning({"a": torch.randn(1, 40, cfg.joint_attention_dim)}, None, torch.randn(1, cfg.pooled_dim))
+    params, _ = resolve_parameters(Mode.CONTROLNET, {"seed": 3, "steps": 3, "image_count": 2})
+    picture = Image.new("RGB", (64, 48), (200, 30, 30))
+    job = GenerationJob(Mode.CONTROLNET, params, cond, init_image=picture,
+                        control_maps={"depth": picture, "line": picture.rotate(90)})
+    return np.stack([np.asarray(im) for im in generator.generate(job)])
+
+
+def test_single_blocks_in_joint_layout_change_no_value(tiny_checkpoints):
+    """The layout that lets every single block share one compiled graph is a copy, not a change:
+    bitwise the same images eagerly, in a ControlNet mode (whose residuals make the layout differ)."""
+    plain, joint = FluxGenerator(tiny_checkpoints), FluxGenerator(tiny_checkpoints)
+    _share_single_block_graphs(joint.transformer)
+    _share_single_block_graphs(joint.controlnet)
+    assert {type(b).__name__ for b in joint.transformer.single_transformer_blocks} == {"_SingleBlockInJointLayout"}
+    assert np.array_equal(_controlnet_image(plain), _controlnet_image(joint))
+
+
+def test_compiled_warm_up_traces_four_graphs_that_serve_every_mode_and_size(tiny_checkpoints):
+    """Two block classes x (batch 1, batch 2+): a ControlNet mode and another size add none. More
+    graphs mean seconds more of every start, cache hit or not (a layout or a tensor kind that
+    dynamo guards on, as the first single block's inputs and the lazily loaded ControlNet's
+    inference-mode weights were)."""
+    generator = FluxGenerator(tiny_checkpoints)
+    generator.optimize(SpeedOptions(compile=True))
+    runs = {}
+    generator.warm_up([Mode.VARIATION, Mode.CONTROLNET], size=128,
+                      on_phase=lambda name, seconds, graphs: runs.setdefault(name, graphs))
+    assert runs == {"warm-up variation 128x128 x1": 2, "warm-up controlnet 128x128 x1": 0,
+                    "warm-up variation 128x128 x2": 2, "warm-up variation 96x160 x1": 0}, runs
 
 
 def test_fp8_linear_matches_the_full_precision_layer_within_fp8_error():
