@@ -16,6 +16,7 @@ weights (--random-weights full): the real FLOPs and memory. Each row also writes
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -145,7 +146,7 @@ def _started(server: ServerProcess, client: Client) -> dict:
 
 
 def measure_services(checkpoints: str, rows: list[str], runs: int, images: Path | None, results: dict,
-                     save) -> None:
+                     save, restarts: bool = True) -> None:
     """Rows b1, c1, c1_cache and restart on one GPU: one encoder serves them all."""
     encoder = ServerProcess("encoder", checkpoints, "--random-weights", "full", "--device", "cuda:0",
                             log_path="/tmp/bench-encoder.log")
@@ -171,7 +172,7 @@ def measure_services(checkpoints: str, rows: list[str], runs: int, images: Path 
                 results["rows"][row] = {"row": row, "first": first, "median": median, "startup": started,
                                         "peak_gpu_bytes": {"generator": _peak(port)}, "flags": flags}
                 save(row)
-                if key:
+                if key and restarts:
                     restart[key] = {"cold": dict(started, first_request=first, warm_request=median["total"])}
                     server.stop(120)
                     warm = _started(server, client)
@@ -330,6 +331,8 @@ def main() -> None:
     parser.add_argument("--images", help="folder for each row's seed-7 image")
     parser.add_argument("--stock-timeout", type=float, default=400)
     parser.add_argument("--table", help="write the Markdown table here")
+    parser.add_argument("--restarts", action=argparse.BooleanOptionalAction, default=True,
+                        help="after b1 and c1, restart their generator warm and time the first requests")
     parser.add_argument("--command", default="python bench/run.py --checkpoints TINY --rows ROWS --json R")
     args = parser.parse_args()
     path = Path(args.json)
@@ -344,18 +347,19 @@ def main() -> None:
 
     if args.checkpoints:
         results["environment"] = environment()
-        rows = args.rows.split(",")
-        services = [r for r in rows if r in ROWS]
-        if services:
-            measure_services(args.checkpoints, services, args.runs, images, results, save)
-        for row in rows:
-            if row in ROWS or row == "restart":
+        # In the order given; consecutive service rows share one encoder.
+        for is_service, group in itertools.groupby(args.rows.split(","), key=lambda r: r in ROWS):
+            group = list(group)
+            if is_service:
+                measure_services(args.checkpoints, group, args.runs, images, results, save, args.restarts)
                 continue
-            try:
-                results["rows"][row] = measure_stock(args.checkpoints, row, args.runs, images, args.stock_timeout)
-            except Exception as e:  # noqa: BLE001 - one broken row must not lose the others
-                results["rows"][row] = {"row": row, "error": f"{type(e).__name__}: {e}"}
-            save(row)
+            for row in group:
+                try:
+                    results["rows"][row] = measure_stock(args.checkpoints, row, args.runs, images,
+                                                         args.stock_timeout)
+                except Exception as e:  # noqa: BLE001 - one broken row must not lose the others
+                    results["rows"][row] = {"row": row, "error": f"{type(e).__name__}: {e}"}
+                save(row)
     if images is not None and images.exists():
         results["image_differences"] = image_differences(images)
         path.write_text(json.dumps(results, indent=1))
