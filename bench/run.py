@@ -257,16 +257,17 @@ def table(results: dict, command: str) -> str:
         f"Command: `{command}`", "",
         "| row | end to end (s) | x (a) | denoise (s) | s/step | MFU | VAE decode (s) | encode RPC (s) "
         "| image encode (s) | other (s) | first request (s) | start-up to SERVING (s) | peak GPU memory (GB) "
-        "| image vs (b1): PSNR dB / max abs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| image vs (b1): PSNR dB / max abs | machine lease started |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("a", "a_compile", "a_fp8", "b1", "c1", "c1_cache", "b", "c"):
         if name not in rows:
             continue
         r = rows[name]
         label = ROW_LABELS[name]
+        lease = r.get("machine", {}).get("started", r.get("earlier_run", ""))
         if "error" in r:
-            lines.append(f"| {label} | {r['error'][:200]} |")
+            lines.append(f"| {label} | {r['error'][:200]} | | | | | | | | | | | | | {lease} |")
             continue
         m = r["median"]
         ratio = f"{m['total'] / a:.2f}" if a and "earlier_run" not in r else ""
@@ -280,7 +281,7 @@ def table(results: dict, command: str) -> str:
             per_step = m["pipeline"] / computed
             lines.append(f"| {label} | {m['total']:.2f} | {ratio} | {m['pipeline']:.2f} (pipeline incl. VAE) "
                          f"| {per_step:.3f} | | | {m['encode']:.3f} | {m['png']:.3f} | | {r['first']:.2f} "
-                         f"| one process | {peak_text} | {diff_text} |")
+                         f"| one process | {peak_text} | {diff_text} | {lease} |")
             continue
         computed = 28 - len(_skipped(r.get("flags", [])))
         per_step = m["denoise"] / computed
@@ -291,13 +292,15 @@ def table(results: dict, command: str) -> str:
                         else ", ".join(f"{k} {v:.0f}" for k, v in startup.items()))
         lines.append(f"| {label} | {m['total']:.2f} | {ratio} | {m['denoise']:.2f} | {per_step:.3f} | {mfu} "
                      f"| {m['decode']:.3f} | {m['encode_rpc']:.3f} | {m['image_encode']:.3f} | {other:.3f} "
-                     f"| {r['first']:.2f} | {startup_text} | {peak_text} | {diff_text} |")
+                     f"| {r['first']:.2f} | {startup_text} | {peak_text} | {diff_text} | {lease} |")
     restart = rows.get("restart", {})
     if any(k in restart for k in ("default", "turbo")):
         lines += ["", "Generator start-up (to SERVING, warm-up included; weights built apart), and the first "
                   "request after it:", "",
-                  "| generator | start | to SERVING (s) | weights (s) | warm-up (s) | cache | first request (s) "
-                  "| warm request (s) | worst first/warm of the other shapes (8 steps) |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| generator | start | to SERVING (s) | process start (s) | weights (s) | warm-up (s) "
+                  "| of which torch.compile (s) | graphs | cache | first request (s) | warm request (s) "
+                  "| worst first/warm of the other shapes (8 steps): end to end; generator alone |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for key in ("default", "turbo"):
             for phase in ("cold", "warm"):
                 entry = restart.get(key, {}).get(phase)
@@ -306,11 +309,17 @@ def table(results: dict, command: str) -> str:
                 p = entry["phases"]
                 shapes = entry.get("first_requests", {})
                 worst = max(shapes.items(), key=lambda kv: kv[1]["ratio"]) if shapes else None
+                alone = max(shapes.items(), key=lambda kv: kv[1].get("generator_ratio", 0)) if shapes else None
                 first, warm = entry["first_request"], entry["warm_request"]
                 worst_text = f"{worst[1]['ratio']:.2f} ({worst[0]})" if worst else ""
-                lines.append(f"| {key} | {phase} | {entry['serving']:.1f} | {p.get('weights', 0):.1f} "
-                             f"| {p.get('warm_up', 0):.1f} | {entry['compile_cache']} | {first:.2f} | {warm:.2f} "
-                             f"| {worst_text} |")
+                if alone and "generator_ratio" in alone[1]:
+                    worst_text += f"; {alone[1]['generator_ratio']:.2f} ({alone[0]})"
+                process = entry["serving"] - sum(p.values())
+                compiled = entry.get("compile_seconds", {}).get("_compile.compile_inner")
+                graphs = sum(run["graphs"] for run in entry.get("warm_up_runs", {}).values())
+                lines.append(f"| {key} | {phase} | {entry['serving']:.1f} | {process:.1f} | {p.get('weights', 0):.1f} "
+                             f"| {p.get('warm_up', 0):.1f} | {'' if compiled is None else f'{compiled:.1f}'} "
+                             f"| {graphs} | {entry['compile_cache']} | {first:.2f} | {warm:.2f} | {worst_text} |")
     return "\n".join(lines) + "\n"
 
 

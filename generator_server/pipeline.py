@@ -259,6 +259,10 @@ class FluxGenerator:
             # shares one graph per block class, so a new shape does not recompile. The VAE
             # stays eager: compiling its decoder saved 0.045 s a request and cost minutes
             # of start-up with symbolic shapes (BENCHMARKS.md).
+            # Python floats static: with symbolic floats Dynamo traced every block graph twice
+            # (its scalar pass restarts the analysis), and no float reaching a block varies
+            # between requests (timesteps and scales are tensors or outside the blocks).
+            torch._dynamo.config.specialize_float = True
             self.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
             _share_single_block_graphs(self.transformer)
 

@@ -96,6 +96,24 @@ def test_compiled_warm_up_traces_four_graphs_that_serve_every_mode_and_size(tiny
     assert runs == {"warm-up variation 128x128 x1": 2, "warm-up controlnet 128x128 x1": 0,
                     "warm-up variation 128x128 x2": 2, "warm-up variation 96x160 x1": 0}, runs
 
+    # Requests unlike the warm-up (sizes, text lengths, batch 3, every float parameter) reuse them.
+    from torch._dynamo.utils import counters
+
+    cfg, graphs = generator.fingerprint, counters["stats"]["unique_graphs"]
+    picture = Image.new("RGB", (144, 112), (10, 200, 30))
+    for mode, given in [(Mode.VARIATION, {"guidance": 7.5, "steps": 2, "width": 160, "height": 96}),
+                        (Mode.IMG2IMG, {"guidance": 1.25, "strength": 0.55, "steps": 4}),
+                        (Mode.CONTROLNET, {"depth_strength": 0.7, "line_strength": 0.13, "image_count": 3, "steps": 2}),
+                        (Mode.CONTROLNET_INPAINT, {"depth_strength": 0.33, "line_strength": 0.9, "steps": 2}),
+                        (Mode.INPAINT, {"strength": 0.9, "steps": 3, "image_count": 2})]:
+        prompt = torch.randn(1, 512, cfg.inner_dim) if mode is Mode.IMG2IMG else None
+        cond = Conditioning({"a": torch.randn(1, 77, cfg.joint_attention_dim),
+                             "b": torch.randn(1, 60, cfg.joint_attention_dim)}, prompt, torch.randn(1, cfg.pooled_dim))
+        params, _ = resolve_parameters(mode, dict(given, seed=1))
+        generator.generate(GenerationJob(mode, params, cond, init_image=picture, mask=picture.convert("L"),
+                                         control_maps={"depth": picture, "line": picture}))
+        assert counters["stats"]["unique_graphs"] == graphs, mode
+
 
 def test_fp8_linear_matches_the_full_precision_layer_within_fp8_error():
     torch.manual_seed(0)
