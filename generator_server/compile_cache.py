@@ -38,7 +38,12 @@ def cache_fields(model, options) -> dict:
     def config(module) -> dict:   # architecture only: not where the weights were read from
         return {k: v for k, v in module.config.items() if not k.startswith("_")}
 
+    # Our code decides the traced graphs too (layouts, compile settings): an entry written by
+    # another version would hit, lack the graphs this one traces, and never be rewritten.
+    code = hashlib.sha256(b"".join((Path(__file__).parent / name).read_bytes()
+                                   for name in ("pipeline.py", "fp8.py", "compile_cache.py"))).hexdigest()[:16]
     fields = {"torch": torch.__version__, "diffusers": version("diffusers"), "triton": triton_version,
+              "generator_code": code,
               "cuda": torch.version.cuda or "", "gpu": gpu, "capability": capability, "dtype": str(model.dtype),
               "transformer": config(model.transformer), "vae": config(model.vae),
               "options": {"compile": options.compile, "attention": options.attention, "turbo": options.turbo}}
