@@ -166,10 +166,9 @@ def _single_block_in_joint_layout() -> type:
 
     class _SingleBlockInJointLayout(FluxSingleTransformerBlock):
         # __call__ runs outside the compiled region (torch.compile wraps _call_impl).
-        def __call__(self, *args, hidden_states, encoder_hidden_states, **kwargs):
+        def __call__(self, hidden_states, encoder_hidden_states, *args, **kwargs):
             encoder_hidden_states, hidden_states = _joint_views(encoder_hidden_states, hidden_states)
-            return super().__call__(*args, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                    **kwargs)
+            return super().__call__(hidden_states, encoder_hidden_states, *args, **kwargs)
 
     try:   # diffusers' step caches look blocks up by class
         from diffusers.hooks._helpers import TransformerBlockRegistry
@@ -263,8 +262,14 @@ class FluxGenerator:
             # (its scalar pass restarts the analysis), and no float reaching a block varies
             # between requests (timesteps and scales are tensors or outside the blocks).
             torch._dynamo.config.specialize_float = True
-            self.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+            self.transformer.compile_repeated_blocks(fullgraph=self._full_graphs, dynamic=True)
             _share_single_block_graphs(self.transformer)
+
+    @property
+    def _full_graphs(self) -> bool:
+        """Blocks compile as whole graphs, except under the first-block cache, whose hook on the
+        first block decides outside the graph whether the rest runs."""
+        return not (self.speed.step_cache is not None and self.speed.step_cache.threshold)
 
     def _optimize_controlnet(self, controlnet) -> None:
         options = self.speed
@@ -272,7 +277,7 @@ class FluxGenerator:
             controlnet.set_attention_backend(options.attention)
         if options.compile:
             for block in list(controlnet.transformer_blocks) + list(controlnet.single_transformer_blocks):
-                block.compile(fullgraph=True, dynamic=True)
+                block.compile(fullgraph=self._full_graphs, dynamic=True)
             _share_single_block_graphs(controlnet)
 
     def warm_up(self, modes: list[Mode], size: int = 1024, on_phase: Callable[..., None] | None = None) -> None:

@@ -115,6 +115,15 @@ def test_compiled_warm_up_traces_four_graphs_that_serve_every_mode_and_size(tiny
         assert counters["stats"]["unique_graphs"] == graphs, mode
 
 
+def test_first_block_cache_compiles_with_its_graph_break(tiny_checkpoints):
+    """The first-block cache decides outside the graph whether the remaining blocks run, so under
+    it the blocks compile with graph breaks (with whole graphs the warm-up raised Unsupported)."""
+    generator = FluxGenerator(tiny_checkpoints)
+    generator.optimize(SpeedOptions(compile=True, step_cache=StepCache(threshold=0.05)))
+    generator.warm_up([Mode.VARIATION], size=128)
+    assert _variation(generator, steps=3).shape == (48, 64, 3)
+
+
 def test_fp8_linear_matches_the_full_precision_layer_within_fp8_error():
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 96)
