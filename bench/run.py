@@ -142,7 +142,8 @@ def _started(server: ServerProcess, client: Client) -> dict:
             for line in lines if "graphs_compiled" in line}
     done = [line for line in lines if line["msg"] == "warm-up done"]
     return {"serving": serving, "compile_cache": info.compile_cache, "phases": dict(info.phase_seconds),
-            "warm_up_runs": runs, "compile_seconds": done[-1].get("compile_seconds", {}) if done else {}}
+            "warm_up_runs": runs, "compile_seconds": done[-1].get("compile_seconds", {}) if done else {},
+            "graph_caches": done[-1].get("graph_caches", {}) if done else {}}
 
 
 def measure_services(checkpoints: str, rows: list[str], runs: int, images: Path | None, results: dict,

@@ -77,7 +77,8 @@ def _make_model(args, **kwargs):
                                                                            graphs_compiled=graphs))
         generator.startup["warm_up"] = time.perf_counter() - start
         log_event("warm-up done", seconds=round(generator.startup["warm_up"], 2), modes=warm,
-                  compile_seconds=_compile_seconds() if compile_ else {})
+                  compile_seconds=_compile_seconds() if compile_ else {},
+                  graph_caches=_graph_cache_use() if compile_ else {})
         if generator.compile_cache is not None:
             generator.compile_cache.save()
     return generator
@@ -90,6 +91,16 @@ def _compile_seconds(top: int = 8) -> dict:
 
     totals = sorted(((sum(v), k) for k, v in compilation_time_metrics.items()), reverse=True)[:top]
     return {name: round(seconds, 2) for seconds, name in totals}
+
+
+def _graph_cache_use() -> dict:
+    """Hits, misses and bypasses of AOTAutograd's and Inductor's graph caches: on a warm start
+    every graph should hit both (a bypass re-runs tracing passes the cache exists to spare)."""
+    from torch._dynamo.utils import counters
+
+    wanted = {"aot_autograd": "autograd_cache_", "inductor": "fxgraph_cache_"}
+    return {name: {k.removeprefix(prefix): v for k, v in counters[name].items() if k.startswith(prefix)}
+            for name, prefix in wanted.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

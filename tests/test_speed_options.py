@@ -89,7 +89,8 @@ def test_compiled_warm_up_traces_four_graphs_that_serve_every_mode_and_size(tiny
     dynamo guards on, as the first single block's inputs and the lazily loaded ControlNet's
     inference-mode weights were)."""
     generator = FluxGenerator(tiny_checkpoints)
-    generator.optimize(SpeedOptions(compile=True))
+    # flash picks its SDPA backend inside the graph, as cuDNN attention does on the GPU
+    generator.optimize(SpeedOptions(compile=True, attention="_native_flash"))
     runs = {}
     generator.warm_up([Mode.VARIATION, Mode.CONTROLNET], size=128,
                       on_phase=lambda name, seconds, graphs: runs.setdefault(name, graphs))
@@ -113,6 +114,15 @@ def test_compiled_warm_up_traces_four_graphs_that_serve_every_mode_and_size(tiny
         generator.generate(GenerationJob(mode, params, cond, init_image=picture, mask=picture.convert("L"),
                                          control_maps={"depth": picture, "line": picture}))
         assert counters["stats"]["unique_graphs"] == graphs, mode
+
+    # A restart (Dynamo reset, the on-disk caches kept) traces the graphs again but takes each
+    # from AOTAutograd's cache. The SDPA backend pick in the graph made it bypass the cache, so
+    # every start re-ran its metadata pass on each graph, cache hit or not.
+    torch._dynamo.reset()
+    before = dict(counters["aot_autograd"])
+    generator.warm_up([Mode.VARIATION], size=128)
+    delta = {k: v - before.get(k, 0) for k, v in counters["aot_autograd"].items() if v != before.get(k, 0)}
+    assert delta.get("autograd_cache_hit") == 4 and not delta.get("autograd_cache_bypass"), delta
 
 
 def test_first_block_cache_compiles_with_its_graph_break(tiny_checkpoints):
