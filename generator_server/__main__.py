@@ -69,6 +69,8 @@ def _make_model(args, **kwargs):
     if compile_ and args.compile_cache:
         generator.compile_cache = CompileCache(Path(args.compile_cache), cache_fields(generator, options))
         generator.compile_cache.load()
+        if generator.precompiled is not None:
+            generator.precompiled.use_directory(generator.compile_cache.blocks_dir, generator.compile_cache.blocks)
     warm = args.warm_up if args.warm_up is not None else ("variation,img2img,inpaint" if compile_ else "none")
     if warm != "none":
         start = time.perf_counter()
@@ -78,9 +80,10 @@ def _make_model(args, **kwargs):
         generator.startup["warm_up"] = time.perf_counter() - start
         log_event("warm-up done", seconds=round(generator.startup["warm_up"], 2), modes=warm,
                   compile_seconds=_compile_seconds() if compile_ else {},
-                  graph_caches=_graph_cache_use() if compile_ else {})
+                  graph_caches=_graph_cache_use() if compile_ else {},
+                  precompiled_blocks=generator.precompiled.obtained if generator.precompiled else {})
         if generator.compile_cache is not None:
-            generator.compile_cache.save()
+            generator.compile_cache.save(generator.precompiled.digests if generator.precompiled else {})
     return generator
 
 

@@ -3,9 +3,11 @@
 After warm-up the generator saves torch's portable cache artifacts
 (`torch.compiler.save_cache_artifacts`: Inductor's FX graphs, AOT autograd entries, Triton
 kernels, autotuning results) under a key of everything that decides the kernels: library
-versions, GPU, dtype, model configuration and speed options. The next start with the same
-key loads them before warm-up, which then traces but does not compile. A missing entry is
-a miss; a foreign or corrupt one is ignored with a log line; neither stops the server.
+versions, GPU, dtype, model configuration, speed options and our code, and beside them the
+transformer blocks compiled ahead of time (precompiled.py, checksums in the manifest). The
+next start with the same key loads both before warm-up, which then neither traces nor
+compiles. A missing entry is a miss; a foreign or corrupt one is ignored with a log line;
+neither stops the server.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class CompileCache:
     status: str = "off"        # off | hit | miss | ignored | saved
     detail: str = ""
     timings: dict = field(default_factory=dict)
+    blocks: dict = field(default_factory=dict)   # precompiled block file -> sha256, from a hit's manifest
 
     @property
     def key(self) -> str:
@@ -66,6 +69,11 @@ class CompileCache:
     @property
     def entry(self) -> Path:
         return self.root / self.key
+
+    @property
+    def blocks_dir(self) -> Path:
+        """Where the precompiled transformer blocks of this entry live (precompiled.py)."""
+        return self.entry / "blocks"
 
     def load(self) -> bool:
         """Load the entry for this key into torch's caches; True on a hit."""
@@ -86,6 +94,7 @@ class CompileCache:
             log_event("compile cache ignored", cache=str(self.root), key=self.key, reason=self.detail)
             return False
         self.status, self.detail = "hit", f"{len(data)} bytes"
+        self.blocks = dict(meta.get("blocks", {}))
         self.timings["load"] = time.perf_counter() - start
         log_event("compile cache hit", cache=str(self.root), key=self.key, bytes=len(data),
                   seconds=round(self.timings["load"], 2))
@@ -96,29 +105,39 @@ class CompileCache:
         log_event("compile cache miss", cache=str(self.root), key=self.key, detail=detail)
         return False
 
-    def save(self) -> None:
-        """Write what this process compiled (after warm-up); a hit has nothing new to write."""
-        if self.status == "hit":
-            return
+    def save(self, blocks: dict | None = None) -> None:
+        """Write what this process compiled (after warm-up) with the checksums of the precompiled
+        block files it wrote or loaded. A hit has no new artifacts; its manifest is rewritten
+        only if a block file was replaced (one that failed to load and was compiled again)."""
+        blocks = dict(blocks or {})
         start = time.perf_counter()
-        saved = torch.compiler.save_cache_artifacts()
-        if saved is None:
-            log_event("compile cache not saved", cache=str(self.root), key=self.key,
-                      reason="torch recorded no compiled artifacts")
-            return
-        data = saved[0]
+        if self.status == "hit":
+            if blocks == self.blocks:
+                return
+            try:
+                data = (self.entry / ARTIFACTS).read_bytes()
+            except OSError as e:
+                log_event("compile cache not saved", cache=str(self.root), key=self.key, reason=str(e))
+                return
+        else:
+            saved = torch.compiler.save_cache_artifacts()
+            if saved is None:
+                log_event("compile cache not saved", cache=str(self.root), key=self.key,
+                          reason="torch recorded no compiled artifacts")
+                return
+            data = saved[0]
         try:
             self.entry.mkdir(parents=True, exist_ok=True)
             for name, content in ((ARTIFACTS, data), (MANIFEST, json.dumps(
                     {"fields": self.fields, "sha256": hashlib.sha256(data).hexdigest(),
-                     "written": time.time()}, indent=1).encode())):
+                     "blocks": blocks, "written": time.time()}, indent=1).encode())):
                 tmp = self.entry / f".{name}.{os.getpid()}"
                 tmp.write_bytes(content)
                 os.replace(tmp, self.entry / name)   # atomic: a reader sees the old or the new file
         except OSError as e:
             log_event("compile cache not saved", cache=str(self.root), key=self.key, reason=str(e))
             return
-        self.status = "saved"
+        self.status, self.blocks = ("hit" if self.status == "hit" else "saved"), blocks
         self.timings["save"] = time.perf_counter() - start
         log_event("compile cache saved", cache=str(self.root), key=self.key, bytes=len(data),
-                  seconds=round(self.timings["save"], 2))
+                  precompiled_blocks=len(blocks), seconds=round(self.timings["save"], 2))

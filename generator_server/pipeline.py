@@ -240,6 +240,7 @@ class FluxGenerator:
         self._controlnet = None
         self.speed = SpeedOptions()
         self.compile_cache = None          # compile_cache.CompileCache with --compile-cache
+        self.precompiled = None            # precompiled.PrecompiledBlocks when compiled as whole graphs
         self.startup: dict[str, float] = {}   # seconds of each start-up phase (GetInfo)
 
         config = self.transformer.config
@@ -278,13 +279,20 @@ class FluxGenerator:
             # between requests (timesteps and scales are tensors or outside the blocks).
             torch._dynamo.config.specialize_float = True
             _cache_sdpa_backend_selection()
-            self.transformer.compile_repeated_blocks(fullgraph=self._full_graphs, dynamic=True)
             _share_single_block_graphs(self.transformer)
+            if self._full_graphs:
+                from .precompiled import PrecompiledBlocks
+
+                self.precompiled = PrecompiledBlocks()
+                self.precompiled.install(self.transformer)
+            else:
+                self.transformer.compile_repeated_blocks(fullgraph=False, dynamic=True)
 
     @property
     def _full_graphs(self) -> bool:
-        """Blocks compile as whole graphs, except under the first-block cache, whose hook on the
-        first block decides outside the graph whether the rest runs."""
+        """Blocks compile as whole graphs, ahead of time (precompiled.py), except under the
+        first-block cache, whose hook on the first block decides outside the graph whether the
+        rest runs."""
         return not (self.speed.step_cache is not None and self.speed.step_cache.threshold)
 
     def _optimize_controlnet(self, controlnet) -> None:
@@ -292,19 +300,20 @@ class FluxGenerator:
         if options.attention:
             controlnet.set_attention_backend(options.attention)
         if options.compile:
-            for block in list(controlnet.transformer_blocks) + list(controlnet.single_transformer_blocks):
-                block.compile(fullgraph=self._full_graphs, dynamic=True)
             _share_single_block_graphs(controlnet)
+            if self.precompiled is not None:
+                self.precompiled.install(controlnet)
+            else:
+                for block in list(controlnet.transformer_blocks) + list(controlnet.single_transformer_blocks):
+                    block.compile(fullgraph=False, dynamic=True)
 
     def warm_up(self, modes: list[Mode], size: int = 1024, on_phase: Callable[..., None] | None = None) -> None:
         """Run each mode once (one step) at `size` x `size` so compilation happens before
         health says SERVING, then a variation with batch 2 (torch specialises size 1) and one
         of another shape. Four graphs (two block classes, batch 1 and more) then cover every
         size, text length and mode, the ControlNet's blocks included. `on_phase(name,
-        seconds, graphs)` reports each run with the number of graphs torch.compile built in it
-        (from the compile cache on a hit, but still traced)."""
-        from torch._dynamo.utils import counters
-
+        seconds, graphs)` reports each run with the number of graphs traced or loaded in it
+        (loaded precompiled from the compile cache on a hit: nothing traced)."""
         cfg, device, dtype = self.fingerprint, self.device, self.dtype
         picture = Image.new("RGB", (size, size), (128, 96, 64))
         cond = Conditioning({"a": torch.randn(1, 512, cfg.joint_attention_dim, device=device, dtype=dtype)},
@@ -319,11 +328,19 @@ class FluxGenerator:
             params, _ = resolve_parameters(mode, given)
             job = GenerationJob(mode, params, cond, init_image=picture, mask=picture.convert("L"),
                                 control_maps={"depth": picture, "line": picture})
-            start, graphs = time.perf_counter(), counters["stats"]["unique_graphs"]
+            start, graphs = time.perf_counter(), self.graphs_obtained()
             self.generate(job)
             if on_phase is not None:
                 on_phase(f"warm-up {mode.value} {width}x{height} x{count}", time.perf_counter() - start,
-                         counters["stats"]["unique_graphs"] - graphs)
+                         self.graphs_obtained() - graphs)
+
+    def graphs_obtained(self) -> int:
+        """Block graphs traced so far (by torch.compile or ahead of time) or loaded precompiled."""
+        from torch._dynamo.utils import counters
+
+        precompiled = sum(how == "loaded" for how in self.precompiled.obtained.values()) \
+            if self.precompiled is not None else 0
+        return counters["stats"]["unique_graphs"] + precompiled
 
     @property
     def controlnet(self):

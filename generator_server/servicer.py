@@ -268,7 +268,12 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
 
 def startup_info(model: FluxGenerator) -> pb.Startup:
     cache, speed = model.compile_cache, model.speed
-    return pb.Startup(compile_cache=cache.status if cache else "off", compile_cache_detail=cache.detail if cache else "",
+    detail = cache.detail if cache else ""
+    if model.precompiled is not None and model.precompiled.obtained:
+        how = [h.split(" ")[0] for h in model.precompiled.obtained.values()]
+        detail += ("; " if detail else "") + "precompiled blocks: " + ", ".join(
+            f"{how.count(h)} {h}" for h in sorted(set(how)))
+    return pb.Startup(compile_cache=cache.status if cache else "off", compile_cache_detail=detail,
                       phase_seconds=dict(model.startup, **{f"compile_cache_{k}": v for k, v in
                                                            (cache.timings if cache else {}).items()}),
                       compiled=speed.compile, turbo=speed.turbo, step_cache=str(speed.step_cache or ""))

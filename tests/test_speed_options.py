@@ -115,23 +115,57 @@ def test_compiled_warm_up_traces_four_graphs_that_serve_every_mode_and_size(tiny
                                          control_maps={"depth": picture, "line": picture}))
         assert counters["stats"]["unique_graphs"] == graphs, mode
 
-    # A restart (Dynamo reset, the on-disk caches kept) traces the graphs again but takes each
-    # from AOTAutograd's cache. The SDPA backend pick in the graph made it bypass the cache, so
-    # every start re-ran its metadata pass on each graph, cache hit or not.
+
+def test_a_restart_loads_the_precompiled_blocks_and_traces_nothing(tiny_checkpoints, tmp_path):
+    """Blocks compiled ahead of time and saved are loaded by the next start: no graph traced,
+    the same images; a corrupt file is compiled again."""
+    from torch._dynamo.utils import counters
+
+    def started(trusted: dict[str, str]) -> FluxGenerator:
+        generator = FluxGenerator(tiny_checkpoints)
+        generator.optimize(SpeedOptions(compile=True, attention="_native_flash"))
+        generator.precompiled.use_directory(tmp_path / "blocks", trusted)
+        generator.warm_up([Mode.VARIATION], size=128)
+        return generator
+
     torch._dynamo.reset()
-    before = dict(counters["aot_autograd"])
-    generator.warm_up([Mode.VARIATION], size=128)
-    delta = {k: v - before.get(k, 0) for k, v in counters["aot_autograd"].items() if v != before.get(k, 0)}
-    assert delta.get("autograd_cache_hit") == 4 and not delta.get("autograd_cache_bypass"), delta
+    first = started({})
+    assert set(first.precompiled.obtained.values()) == {"compiled"} and len(first.precompiled.digests) == 4
+
+    traced = counters["stats"]["unique_graphs"]
+    loaded = started(first.precompiled.digests)
+    assert set(loaded.precompiled.obtained.values()) == {"loaded"}, loaded.precompiled.obtained
+    assert counters["stats"]["unique_graphs"] == traced
+    assert np.array_equal(_variation(loaded), _variation(first))
+
+    # A corrupt file is ignored (compiled again), never fatal.
+    name = next(iter(first.precompiled.digests))
+    (tmp_path / "blocks" / name).write_bytes(b"\x00garbage")
+    damaged = started(first.precompiled.digests)
+    assert damaged.precompiled.obtained[name.removesuffix(".bin")] == "compiled"
+    assert np.array_equal(_variation(damaged), _variation(first))
 
 
 def test_first_block_cache_compiles_with_its_graph_break(tiny_checkpoints):
     """The first-block cache decides outside the graph whether the remaining blocks run, so under
-    it the blocks compile with graph breaks (with whole graphs the warm-up raised Unsupported)."""
+    it the blocks compile with graph breaks (with whole graphs the warm-up raised Unsupported),
+    with torch.compile. A restart (Dynamo reset, the on-disk caches kept) traces them again but
+    takes each graph from AOTAutograd's cache: the SDPA backend pick in the graph made it bypass
+    the cache, so every start re-ran its metadata pass on each graph."""
+    from torch._dynamo.utils import counters
+
     generator = FluxGenerator(tiny_checkpoints)
-    generator.optimize(SpeedOptions(compile=True, step_cache=StepCache(threshold=0.05)))
+    generator.optimize(SpeedOptions(compile=True, attention="_native_flash", step_cache=StepCache(threshold=0.05)))
+    assert generator.precompiled is None
     generator.warm_up([Mode.VARIATION], size=128)
     assert _variation(generator, steps=3).shape == (48, 64, 3)
+
+    torch._dynamo.reset()
+    before = dict(counters["aot_autograd"])
+    generator.warm_up([Mode.VARIATION], size=128)
+    delta = {k: v - before.get(k, 0) for k, v in counters["aot_autograd"].items() if v != before.get(k, 0)}
+    assert delta.get("autograd_cache_hit") and not delta.get("autograd_cache_bypass") \
+        and not delta.get("autograd_cache_miss"), delta
 
 
 def test_fp8_linear_matches_the_full_precision_layer_within_fp8_error():
@@ -197,6 +231,34 @@ def test_generator_starts_and_serves_with_a_corrupt_compile_cache(tiny_checkpoin
     ignored = [line for line in lines if line["msg"] == "compile cache ignored"]
     assert ignored and cache.key == ignored[0]["key"] and "checksum" in ignored[0]["reason"]
     assert any(line["msg"] == "weights loaded" and line["seconds"] > 0 for line in lines)
+
+
+def test_generator_restart_loads_its_precompiled_blocks_from_the_compile_cache(tiny_checkpoints, tmp_path):
+    """Two starts of a compiling generator with one --compile-cache: the second, in a fresh
+    local torch cache (as a new container), loads the four block graphs and traces none."""
+    def start(n: int):
+        server = ServerProcess("generator", tiny_checkpoints, "--compile", "--attention", "_native_flash",
+                               "--warm-up", "variation", "--compile-cache", str(tmp_path / "cache"),
+                               log_path=tmp_path / f"generator-{n}.log",
+                               env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{n}")})
+        try:
+            server.start().wait_serving(timeout=300)
+            with grpc.insecure_channel(server.address) as channel:
+                stub = pb_grpc.GeneratorStub(channel)
+                startup = stub.GetInfo(pb.GetInfoRequest(), timeout=60).startup
+        finally:
+            server.stop()
+        lines = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
+        return startup, next(line for line in lines if line["msg"] == "warm-up done"), lines
+
+    startup, done, _ = start(1)
+    assert startup.compile_cache == "saved" and "4 compiled" in startup.compile_cache_detail
+    assert set(done["precompiled_blocks"].values()) == {"compiled"}
+    startup, done, lines = start(2)
+    assert startup.compile_cache == "hit" and "precompiled blocks: 4 loaded" in startup.compile_cache_detail, startup
+    assert set(done["precompiled_blocks"].values()) == {"loaded"}, done
+    runs = {line["msg"]: line["graphs_compiled"] for line in lines if "graphs_compiled" in line}
+    assert sum(runs.values()) == 4 and done["compile_seconds"].get("bytecode_tracing", 0) == 0, (runs, done)
 
 
 def test_generator_refuses_a_malformed_step_cache_flag(tiny_checkpoints):
