@@ -87,9 +87,10 @@ class PrecompiledBlocks:
 
     def _compile(self, key: str, block, args, kwargs) -> Callable:
         try:
-            compiled = torch.compile(type(block).forward, fullgraph=True, dynamic=True,
-                                     options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
-                                     ).aot_compile(((block, *args), kwargs))
+            with torch._dynamo.config.patch(enable_aot_compile=True):   # off by default before torch 2.12
+                wrapped = torch.compile(type(block).forward, fullgraph=True, dynamic=True,
+                                        options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
+            compiled = wrapped.aot_compile(((block, *args), kwargs))
             compiled.disable_guard_check()
         except Exception as e:  # noqa: BLE001 - torch's ahead-of-time capture is young: fall back
             return self._drop(key, type(block), f"ahead-of-time compile failed: {type(e).__name__}: {e}")
