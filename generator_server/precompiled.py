@@ -16,7 +16,6 @@ is dropped with a log line, and that block class falls back to torch.compile.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import os
@@ -32,6 +31,30 @@ def _hidden_states(args, kwargs) -> torch.Tensor:
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
+def _structure(block) -> str:
+    """What a block's graph depends on beyond its class: its submodules' kinds and its tensors'
+    names, dtypes and shapes (turbo's fp8 transformer blocks and the ControlNet's bf16 ones are
+    one class with different insides)."""
+    parts = [(name, type(module).__name__) for name, module in block.named_modules()]
+    parts += [(name, str(t.dtype), tuple(t.shape)) for name, t in block.state_dict(keep_vars=True).items()]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
+
+
+class _BlockForward:
+    """A block's `forward`: the precompiled function for its kind. It pickles as nothing:
+    torch pickles the callables in a guarded module's attributes with its guards, and this one
+    reaches every compiled function."""
+
+    def __init__(self, blocks: "PrecompiledBlocks", block, structure: str):
+        self.blocks, self.block, self.structure = blocks, block, structure
+
+    def __call__(self, *args, **kwargs):
+        return self.blocks._call(self.block, self.structure, *args, **kwargs)
+
+    def __reduce__(self):
+        return object.__new__, (_BlockForward,)
+
+
 class PrecompiledBlocks:
     """Installs itself as the `forward` of every repeated block of a model."""
 
@@ -45,15 +68,15 @@ class PrecompiledBlocks:
 
     def install(self, model) -> None:
         for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
-            block.forward = functools.partial(self._call, block)
+            block.forward = _BlockForward(self, block, _structure(block))
 
     def use_directory(self, directory: Path, trusted: dict[str, str]) -> None:
         """Load functions listed in `trusted` from `directory` and save new ones there."""
         self.save_to, self.trusted = directory, dict(trusted)
 
-    def _call(self, block, *args, **kwargs):
+    def _call(self, block, structure: str, *args, **kwargs):
         batch = "1" if _hidden_states(args, kwargs).shape[0] == 1 else "n"
-        key = f"{type(block).__name__}-batch{batch}"
+        key = f"{type(block).__name__}-{structure}-batch{batch}"
         fn = self.functions.get(key) or self._obtain(key, block, args, kwargs)
         try:
             return fn(block, *args, **kwargs)
