@@ -238,7 +238,7 @@ def image_differences(images: Path, reference: str = "b1") -> dict:
 ROW_LABELS = {
     "a": "(a) stock diffusers, eager", "a_compile": "(a_compile) stock + compile_repeated_blocks",
     "a_fp8": "(a_fp8) stock + torchao fp8 + compile", "b1": "(b1) our services, one GPU, lossless",
-    "c1": "(c1) turbo (fp8), one GPU", "c1_cache": f"(c1_cache) turbo + step cache {STEP_CACHE}",
+    "c1": "(c1) turbo (fp8), one GPU", "c1_cache": "(c1_cache) turbo + step cache {step_cache}",
     "b": "(b) two services, two GPUs (earlier two-GPU run)", "c": "(c) turbo, two GPUs (earlier two-GPU run)",
 }
 
@@ -265,7 +265,9 @@ def table(results: dict, command: str) -> str:
         if name not in rows:
             continue
         r = rows[name]
-        label = ROW_LABELS[name]
+        flags = r.get("flags", [])
+        label = ROW_LABELS[name].format(
+            step_cache=flags[flags.index("--step-cache") + 1] if "--step-cache" in flags else STEP_CACHE)
         lease = r.get("machine", {}).get("started", r.get("earlier_run", ""))
         if "error" in r:
             lines.append(f"| {label} | {r['error'][:200]} | | | | | | | | | | | | | {lease} |")
@@ -343,8 +345,10 @@ def main() -> None:
     parser.add_argument("--table", help="write the Markdown table here")
     parser.add_argument("--restarts", action=argparse.BooleanOptionalAction, default=True,
                         help="after b1 and c1, restart their generator warm and time the first requests")
+    parser.add_argument("--step-cache", default=STEP_CACHE, help="the fixed step cache of row c1_cache")
     parser.add_argument("--command", default="python bench/run.py --checkpoints TINY --rows ROWS --json R")
     args = parser.parse_args()
+    ROWS["c1_cache"] = (["--turbo", "--step-cache", args.step_cache], None)
     path = Path(args.json)
     images = Path(args.images) if args.images else None
     results = json.loads(path.read_text()) if path.exists() else {"rows": {}}
