@@ -70,7 +70,10 @@ def _make_model(args, **kwargs):
         generator.compile_cache = CompileCache(Path(args.compile_cache), cache_fields(generator, options))
         generator.compile_cache.load()
         if generator.precompiled is not None:
-            generator.precompiled.use_directory(generator.compile_cache.blocks_dir, generator.compile_cache.blocks)
+            cache, blocks = generator.compile_cache, generator.precompiled
+            blocks.use_directory(cache.blocks_dir, cache.blocks)
+            # A block first compiled after start-up (the ControlNet's, on first use) joins the entry.
+            blocks.on_saved = lambda: cache.save(blocks.digests)
     warm = args.warm_up if args.warm_up is not None else ("variation,img2img,inpaint" if compile_ else "none")
     if warm != "none":
         start = time.perf_counter()

@@ -43,7 +43,7 @@ def cache_fields(model, options) -> dict:
     # Our code decides the traced graphs too (layouts, compile settings): an entry written by
     # another version would hit, lack the graphs this one traces, and never be rewritten.
     code = hashlib.sha256(b"".join((Path(__file__).parent / name).read_bytes()
-                                   for name in ("pipeline.py", "fp8.py", "compile_cache.py"))).hexdigest()[:16]
+                                   for name in ("pipeline.py", "fp8.py", "precompiled.py", "compile_cache.py"))).hexdigest()[:16]
     fields = {"torch": torch.__version__, "diffusers": version("diffusers"), "triton": triton_version,
               "generator_code": code,
               "cuda": torch.version.cuda or "", "gpu": gpu, "capability": capability, "dtype": str(model.dtype),
@@ -107,8 +107,9 @@ class CompileCache:
 
     def save(self, blocks: dict | None = None) -> None:
         """Write what this process compiled (after warm-up) with the checksums of the precompiled
-        block files it wrote or loaded. A hit has no new artifacts; its manifest is rewritten
-        only if a block file was replaced (one that failed to load and was compiled again)."""
+        block files it wrote or loaded; again whenever a block is compiled later (the ControlNet's,
+        on first use). A hit has no new artifacts: its manifest is rewritten only when its blocks
+        changed (one compiled later, or one that failed to load and was compiled again)."""
         blocks = dict(blocks or {})
         start = time.perf_counter()
         if self.status == "hit":

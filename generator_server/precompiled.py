@@ -64,6 +64,7 @@ class PrecompiledBlocks:
         self.functions: dict[str, Callable] = {}
         self.obtained: dict[str, str] = {}    # key -> "loaded" | "compiled" | "torch.compile (reason)"
         self.digests: dict[str, str] = {}     # file name -> sha256 of the functions in save_to
+        self.on_saved: Callable[[], None] | None = None   # after each new file (the manifest lists it)
         self._fallbacks: dict[type, Callable] = {}
 
     def install(self, model) -> None:
@@ -134,6 +135,8 @@ class PrecompiledBlocks:
             log_event("precompiled block not saved", block=key, reason=f"{type(e).__name__}: {e}")
             return
         self.digests[name] = hashlib.sha256(data).hexdigest()
+        if self.on_saved is not None:
+            self.on_saved()
 
     def _drop(self, key: str, cls: type, reason: str) -> Callable:
         log_event("precompiled block falls back to torch.compile", block=key, reason=reason)

@@ -1,6 +1,7 @@
 """GPU tests (`pytest -m gpu`; skipped without CUDA): full-size random weights, every
 mode at 1024x1024, encoder and generator as two processes on two GPUs (and both on
-one). Eager, to keep the run short; bench/ measures the compiled paths."""
+one). Eager, to keep the run short, but for one compiled turbo generator restarted on its
+compile cache; bench/ measures the compiled paths' speed."""
 from __future__ import annotations
 
 import json
@@ -67,7 +68,8 @@ def _gpu_processes() -> dict[int, set[str]]:
     return held
 
 
-def _run_every_mode(client: Client) -> None:
+def _run_every_mode(client: Client) -> dict[str, bytes]:
+    images = {}
     for mode in MODES:
         kwargs = dict(seed=1, steps=4)
         if mode == "variation":
@@ -78,6 +80,8 @@ def _run_every_mode(client: Client) -> None:
             kwargs["control_maps"] = {"depth": PICTURE, "line": PICTURE}
         result = client.run(mode, PICTURE, prompt="a photo", **kwargs)
         assert [im.size for im in result.images] == [(1024, 1024)], mode
+        images[mode] = result.images[0].tobytes()
+    return images
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
@@ -116,3 +120,27 @@ def test_one_gpu_both_halves(tiny_checkpoints, flags):
         for server, _ in servers.values():
             server.stop()
     print("\nPEAK", json.dumps(PEAKS))
+
+
+def test_one_gpu_compiled_turbo_restarts_on_its_compile_cache(tiny_checkpoints, tmp_path):
+    """Compiled turbo (the speed options a user turns on) serves every mode; restarted on the
+    same --compile-cache it loads every block graph precompiled (ControlNet's included, compiled
+    on first use by the first start) and paints the same images."""
+    flags = ("--compile", "--turbo", "--warm-up", "variation", "--compile-cache", str(tmp_path / "cache"))
+    servers = _start(tiny_checkpoints, {"encoder": "cuda:0", "generator": "cuda:0"}, flags)
+    try:
+        client = Client(servers["encoder"][0].address, servers["generator"][0].address, timeout=600)
+        startup = client.info()["generator"].startup
+        assert startup.compiled and startup.turbo and startup.compile_cache == "saved", startup
+        first = _run_every_mode(client)
+        generator = servers["generator"][0]
+        generator.stop(120)
+        generator.start().wait_serving(timeout=600)
+        startup = client.info()["generator"].startup
+        assert startup.compile_cache == "hit" and "loaded" in startup.compile_cache_detail \
+            and "compiled" not in startup.compile_cache_detail, startup
+        assert _run_every_mode(client) == first
+        assert "compiled" not in client.info()["generator"].startup.compile_cache_detail
+    finally:
+        for server, _ in servers.values():
+            server.stop()
