@@ -10,6 +10,7 @@ import socket
 import subprocess
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -125,7 +126,7 @@ def test_one_gpu_both_halves(tiny_checkpoints, flags):
 def test_one_gpu_compiled_turbo_restarts_on_its_compile_cache(tiny_checkpoints, tmp_path):
     """Compiled turbo (the speed options a user turns on) serves every mode; restarted on the
     same --compile-cache it loads every block graph precompiled (ControlNet's included, compiled
-    on first use by the first start) and paints the same images."""
+    on first use by the first start) and paints the same images, within kernel rounding."""
     flags = ("--compile", "--turbo", "--warm-up", "variation", "--compile-cache", str(tmp_path / "cache"))
     servers = _start(tiny_checkpoints, {"encoder": "cuda:0", "generator": "cuda:0"}, flags)
     try:
@@ -139,7 +140,13 @@ def test_one_gpu_compiled_turbo_restarts_on_its_compile_cache(tiny_checkpoints, 
         startup = client.info()["generator"].startup
         assert startup.compile_cache == "hit" and re.search(r"\d+ loaded", startup.compile_cache_detail) \
             and not re.search(r"\d+ compiled", startup.compile_cache_detail), startup
-        assert _run_every_mode(client) == first
+        # Not bitwise: the restart re-runs Inductor's autotuning, which may pick other kernel
+        # configurations (other summation orders); a graph that did not fit would paint noise.
+        again = _run_every_mode(client)
+        for mode in MODES:
+            a, b = (np.frombuffer(x[mode], np.uint8).astype(np.float64) for x in (first, again))
+            psnr = 10 * np.log10(255 ** 2 / max(np.mean((a - b) ** 2), 1e-12))
+            assert psnr > 40, (mode, psnr, np.abs(a - b).max())
         assert not re.search(r"\d+ compiled", client.info()["generator"].startup.compile_cache_detail)
     finally:
         for server, _ in servers.values():
