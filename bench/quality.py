@@ -29,6 +29,8 @@ OPTIONS = {
     "step cache fixed:3": SpeedOptions(step_cache=StepCache(interval=3)),
     "turbo (fp8)": SpeedOptions(turbo=True),
     "turbo + step cache fixed:3": SpeedOptions(turbo=True, step_cache=StepCache(interval=3)),
+    "step cache fixed:4": SpeedOptions(step_cache=StepCache(interval=4)),
+    "turbo + step cache fixed:4": SpeedOptions(turbo=True, step_cache=StepCache(interval=4)),
 }
 
 

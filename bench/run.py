@@ -318,10 +318,13 @@ def table(results: dict, command: str) -> str:
                 if alone and "generator_ratio" in alone[1]:
                     worst_text += f"; {alone[1]['generator_ratio']:.2f} ({alone[0]})"
                 process = entry["serving"] - sum(p.values())
-                compiled = entry.get("compile_seconds", {}).get("_compile.compile_inner")
+                timers = entry.get("compile_seconds", {})
+                compiled = timers.get("_compile.compile_inner", timers.get("fullgraph_capture"))
+                if compiled is None and "AOTAutogradCache.inductor_load" in timers:   # precompiled: loaded
+                    compiled = f"none traced; {timers['AOTAutogradCache.inductor_load']:.1f} loading kernels"
                 graphs = sum(run["graphs"] for run in entry.get("warm_up_runs", {}).values())
                 lines.append(f"| {key} | {phase} | {entry['serving']:.1f} | {process:.1f} | {p.get('weights', 0):.1f} "
-                             f"| {p.get('warm_up', 0):.1f} | {'' if compiled is None else f'{compiled:.1f}'} "
+                             f"| {p.get('warm_up', 0):.1f} | {'' if compiled is None else compiled if isinstance(compiled, str) else f'{compiled:.1f}'} "
                              f"| {graphs} | {entry['compile_cache']} | {first:.2f} | {warm:.2f} | {worst_text} |")
     return "\n".join(lines) + "\n"
 
@@ -375,7 +378,8 @@ def main() -> None:
                     results["rows"][row] = {"row": row, "error": f"{type(e).__name__}: {e}"}
                 save(row)
     if images is not None and images.exists():
-        results["image_differences"] = image_differences(images)
+        # rows whose image is not in this folder keep the difference measured before
+        results["image_differences"] = {**results.get("image_differences", {}), **image_differences(images)}
         path.write_text(json.dumps(results, indent=1))
     if args.table:
         # The generated table replaces the file's head; the hand-written analysis after the marker stays.
