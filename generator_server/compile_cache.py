@@ -52,6 +52,14 @@ def cache_fields(model, options) -> dict:
     return json.loads(json.dumps(fields, default=str))   # plain JSON values, as a manifest reads back
 
 
+def write_atomically(path: Path, content: bytes) -> None:
+    """A reader sees the old file or the new one, never a part (a start killed mid-write)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
+
+
 @dataclass
 class CompileCache:
     root: Path
@@ -128,13 +136,11 @@ class CompileCache:
                 return
             data = saved[0]
         try:
-            self.entry.mkdir(parents=True, exist_ok=True)
-            for name, content in ((ARTIFACTS, data), (MANIFEST, json.dumps(
-                    {"fields": self.fields, "sha256": hashlib.sha256(data).hexdigest(),
-                     "blocks": blocks, "written": time.time()}, indent=1).encode())):
-                tmp = self.entry / f".{name}.{os.getpid()}"
-                tmp.write_bytes(content)
-                os.replace(tmp, self.entry / name)   # atomic: a reader sees the old or the new file
+            if self.status != "hit":   # a hit's artifacts are on disk already
+                write_atomically(self.entry / ARTIFACTS, data)
+            write_atomically(self.entry / MANIFEST, json.dumps(
+                {"fields": self.fields, "sha256": hashlib.sha256(data).hexdigest(),
+                 "blocks": blocks, "written": time.time()}, indent=1).encode())
         except OSError as e:
             log_event("compile cache not saved", cache=str(self.root), key=self.key, reason=str(e))
             return

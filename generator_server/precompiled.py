@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from qwen2vl_flux.serving.server import log_event
+
+from .compile_cache import write_atomically
 
 
 def _hidden_states(args, kwargs) -> torch.Tensor:
@@ -127,10 +128,7 @@ class PrecompiledBlocks:
         name = f"{key}.bin"
         try:
             data = type(compiled).serialize(compiled).serialized_data
-            self.save_to.mkdir(parents=True, exist_ok=True)
-            tmp = self.save_to / f".{name}.{os.getpid()}"
-            tmp.write_bytes(data)
-            os.replace(tmp, self.save_to / name)   # atomic: a reader sees the old or the new file
+            write_atomically(self.save_to / name, data)
         except Exception as e:  # noqa: BLE001 - unsaved: the next start compiles it again
             log_event("precompiled block not saved", block=key, reason=f"{type(e).__name__}: {e}")
             return
