@@ -70,10 +70,7 @@ def _make_model(args, **kwargs):
         generator.compile_cache = CompileCache(Path(args.compile_cache), cache_fields(generator, options))
         generator.compile_cache.load()
         if generator.precompiled is not None:
-            cache, blocks = generator.compile_cache, generator.precompiled
-            blocks.use_directory(cache.blocks_dir, cache.blocks)
-            # A block first compiled after start-up (the ControlNet's, on first use) joins the entry.
-            blocks.on_saved = lambda: cache.save(blocks.digests)
+            generator.precompiled.use_directory(generator.compile_cache.blocks_dir, generator.compile_cache.blocks)
     warm = args.warm_up if args.warm_up is not None else ("variation,img2img,inpaint" if compile_ else "none")
     if warm != "none":
         start = time.perf_counter()
@@ -87,6 +84,10 @@ def _make_model(args, **kwargs):
                   precompiled_blocks=generator.precompiled.obtained if generator.precompiled else {})
         if generator.compile_cache is not None:
             generator.compile_cache.save(generator.precompiled.digests if generator.precompiled else {})
+    if generator.compile_cache is not None and generator.precompiled is not None:
+        # A block first compiled after start-up (the ControlNet's, on first use) joins the entry.
+        cache, blocks = generator.compile_cache, generator.precompiled
+        blocks.on_saved = lambda: cache.save(blocks.digests)
     return generator
 
 
