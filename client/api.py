@@ -7,6 +7,7 @@ import json
 import secrets
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -40,9 +41,40 @@ class ServiceError(RuntimeError):
         self.service, self.code, self.details = service, code, details
 
 
+class GeneratedImages(Sequence):
+    """The generated images, each decoded on first access: a caller that only keeps the files
+    (`GenerationResult.data`: writes them, forwards them) pays no PNG decode, about 30 ms a
+    megapixel. `sizes` needs no decode either."""
+
+    def __init__(self, messages=()):
+        self._messages: list[pb.GeneratedImage] = list(messages)
+        self._decoded: dict[int, Image.Image] = {}
+
+    def append(self, message: pb.GeneratedImage) -> None:
+        self._messages.append(message)
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        return [(m.width, m.height) for m in self._messages]
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]
+        if index not in self._decoded:
+            self._decoded[index] = _decode_output(self._messages[index])
+        return self._decoded[index]
+
+    def __repr__(self) -> str:
+        return f"GeneratedImages(sizes={self.sizes})"
+
+
 @dataclass
 class GenerationResult:
-    images: list[Image.Image]
+    images: GeneratedImages
     data: list[bytes]                       # the encoded files as the generator sent them
     seed: int
     parameters: dict                        # effective parameters, defaults filled in
@@ -329,7 +361,7 @@ class GenerationEvents:
     """The events of one Generate stream, gathered into a GenerationResult."""
 
     def __init__(self):
-        self.images, self.data, self.summary = [], [], None
+        self.images, self.data, self.summary = GeneratedImages(), [], None
 
     def add(self, event: pb.GenerateEvent) -> pb.Progress | None:
         """Keep an image or the summary; hand back a progress event."""
@@ -338,7 +370,7 @@ class GenerationEvents:
             return event.progress
         if kind == "image":
             self.data.append(event.image.data)
-            self.images.append(_decode_output(event.image))
+            self.images.append(event.image)
         elif kind == "summary":
             self.summary = event.summary
         return None

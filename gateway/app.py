@@ -152,7 +152,7 @@ def _ours(settings: Settings, job: Job, result, request_id: str) -> dict:
 
 
 def _size(result) -> str:
-    width, height = result.images[0].size
+    width, height = result.images.sizes[0]
     return f"{width}x{height}"
 
 

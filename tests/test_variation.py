@@ -1,6 +1,8 @@
 """Variation end to end through two real server processes over gRPC on loopback."""
 from __future__ import annotations
 
+import io
+
 import grpc
 import numpy as np
 import pytest
@@ -32,7 +34,10 @@ def _pixels(image: Image.Image) -> np.ndarray:
 def test_returns_image_count_images_of_the_aspect_ratio_size(client, picture):
     result = client.variation(picture, steps=1, image_count=2, aspect_ratio="16:9", seed=3)
     assert len(result.images) == 2
+    assert result.images.sizes == [ASPECT_RATIOS["16:9"]] * 2          # known before any decode
     assert all(image.size == ASPECT_RATIOS["16:9"] for image in result.images)
+    assert [np.asarray(image) for image in result.images[-1:]][0].tobytes() == \
+        np.asarray(Image.open(io.BytesIO(result.data[1])).convert("RGB")).tobytes()
     assert result.parameters["aspect_ratio"] == "16:9" and result.seed == 3
     meta = png_metadata(result.images[0])
     assert meta["parameters"]["seed"] == 3 and meta["versions"]["diffusers"]
