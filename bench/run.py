@@ -193,17 +193,31 @@ def measure_services(checkpoints: str, rows: list[str], runs: int, images: Path 
             shutil.rmtree(cache, ignore_errors=True)
 
 
-def measure_stock(checkpoints: str, row: str, runs: int, images: Path | None, timeout: float) -> dict:
+def measure_stock(checkpoints: str, row: str, runs: int, images: Path | None, timeout: float,
+                  logs: Path) -> dict:
+    """One stock row in its own process; its stderr (phases, torch's logs) goes to a file in
+    `logs`, so a row stopped by its time box still shows how far it got."""
     variant = {"a": "eager", "a_compile": "compile", "a_fp8": "fp8"}[row]
     args = [sys.executable, str(Path(__file__).with_name("stock.py")), "--checkpoints", checkpoints,
             "--runs", str(runs), "--variant", variant, "--sample-seed", str(SAMPLE_SEED)]
     if images is not None:
         images.mkdir(parents=True, exist_ok=True)
         args += ["--sample", str(images / f"{row}.png")]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"bench-{row}.log"
+    with log.open("w") as err:
+        try:
+            out = subprocess.run(args, stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"stopped by its time box of {timeout:.0f} s; last phase: {_last_phase(log)}") from None
     if out.returncode:
-        raise RuntimeError(f"stock.py {variant} exited {out.returncode}: {out.stderr[-600:]}")
+        raise RuntimeError(f"stock.py {variant} exited {out.returncode}: {log.read_text()[-600:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _last_phase(log: Path) -> str:
+    phases = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("phase ")]
+    return phases[-1][len("phase "):] if phases else "none reported"
 
 
 def environment() -> dict:
@@ -345,6 +359,7 @@ def main() -> None:
     parser.add_argument("--json", required=True, help="results file; rows are added to it")
     parser.add_argument("--images", help="folder for each row's seed-7 image")
     parser.add_argument("--stock-timeout", type=float, default=400)
+    parser.add_argument("--logs", default="/tmp", help="folder for the stock rows' logs")
     parser.add_argument("--table", help="write the Markdown table here")
     parser.add_argument("--restarts", action=argparse.BooleanOptionalAction, default=True,
                         help="after b1 and c1, restart their generator warm and time the first requests")
@@ -373,7 +388,7 @@ def main() -> None:
             for row in group:
                 try:
                     results["rows"][row] = measure_stock(args.checkpoints, row, args.runs, images,
-                                                         args.stock_timeout)
+                                                         args.stock_timeout, Path(args.logs))
                 except Exception as e:  # noqa: BLE001 - one broken row must not lose the others
                     results["rows"][row] = {"row": row, "error": f"{type(e).__name__}: {e}"}
                 save(row)

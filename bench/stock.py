@@ -13,6 +13,7 @@ import argparse
 import io
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,12 @@ from PIL import Image
 from qwen2vl_flux.checkpoints import full_size
 
 STEPS, SIZE, PROMPT = 28, 1024, "a photo of a red circle on a blue background"
+START = time.perf_counter()
+
+
+def phase(text: str) -> None:
+    """A progress line on stderr (bench/run.py keeps it in the row's log)."""
+    print(f"phase {text} at {time.perf_counter() - START:.1f} s", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -58,6 +65,7 @@ def main() -> None:
     pipe = FluxPipeline(scheduler=scheduler, vae=full_size.flux_vae(device, dtype), text_encoder=None,
                         tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
+    phase("weights built")
     if args.variant == "fp8":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
@@ -68,13 +76,18 @@ def main() -> None:
     if args.variant in ("compile", "fp8"):
         transformer.compile_repeated_blocks(fullgraph=True)
     build_seconds = time.perf_counter() - start
+    phase(f"{args.variant} set up")
     template = tokenizer.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}],
         tokenize=False, add_generation_prompt=True)
     picture = Image.new("RGB", (1024, 768), (90, 140, 200))
 
+    def step_done(pipeline, step: int, timestep, kwargs: dict) -> dict:
+        phase(f"first request: step {step} done")
+        return kwargs
+
     @torch.inference_mode()
-    def request(seed: int, sample: str | None = None) -> dict:
+    def request(seed: int, sample: str | None = None, first: bool = False) -> dict:
         torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         budget = 256 * 28 * 28
@@ -98,7 +111,8 @@ def main() -> None:
         t1 = time.perf_counter()
         image = pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, num_inference_steps=STEPS,
                      guidance_scale=3.5, height=SIZE, width=SIZE,
-                     generator=torch.Generator().manual_seed(seed)).images[0]
+                     generator=torch.Generator().manual_seed(seed),
+                     callback_on_step_end=step_done if first else None).images[0]
         t2 = time.perf_counter()
         buf = io.BytesIO()
         image.save(buf, format="PNG")
@@ -107,8 +121,12 @@ def main() -> None:
             image.save(sample, compress_level=1)
         return {"total": t3 - t0, "encode": t1 - t0, "pipeline": t2 - t1, "png": t3 - t2}
 
-    first = request(0)
-    runs = [request(i + 1) for i in range(args.runs)]
+    first = request(0, first=True)
+    phase(f"first request (warm-up, compiles) {first['total']:.1f} s")
+    runs = []
+    for i in range(args.runs):
+        runs.append(request(i + 1))
+        phase(f"request {i + 1} {runs[-1]['total']:.2f} s")
     median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     if args.sample:
         request(args.sample_seed, args.sample)
