@@ -1,6 +1,6 @@
 """Per-step probe of the generator's speed options on one GPU, full-size random weights.
 
-  python bench/probe.py --out DIR [--sections peak,attention,step,vae,png] [--budget 540]
+  python bench/probe.py --out DIR [--sections peak,attention,step,vae,png,shapes] [--budget 540]
 
 Times one FLUX.1-dev transformer call at 1024x1024 (4096 image + 768 text tokens) for each
 option (eager, regional compile, fused QKV, Inductor flags, fp8 row/tensor-wise), with its
@@ -237,12 +237,53 @@ def torchao_fp8(out: Path) -> None:
          frames=dict(torch._dynamo.utils.counters["stats"]))
 
 
+def shapes(out: Path, checkpoints: str) -> None:
+    """What an eager model pays the first time it meets an image size: the encoder (Qwen2-VL)
+    and the VAE's encoder, first call against the next at each size, and a profile of one
+    first call by where its host time goes."""
+    from PIL import Image
+
+    from qwen2vl_flux.encoder_server.model import Qwen2VLFluxEncoder
+
+    encoder = Qwen2VLFluxEncoder(checkpoints, device="cuda", dtype=torch.bfloat16, random_weights="full")
+    budget = 256 * 28 * 28
+    sizes = [(1024, 768), (1000, 700), (700, 1000), (1280, 720), (640, 1136)]
+    for size in sizes:
+        picture = Image.new("RGB", size, (90, 140, 200))
+        calls = [once(lambda: encoder.encode_image("input", picture, None, budget)) for _ in range(3)]
+        began = time.perf_counter()
+        encoder.image_processor(images=[picture], size={"shortest_edge": budget, "longest_edge": budget},
+                                return_tensors="pt")
+        emit(out, section="shapes", model="encoder", size=size, first=calls[0], next=calls[1:],
+             image_processor=time.perf_counter() - began)
+    picture = Image.new("RGB", (900, 600), (90, 140, 200))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        first = once(lambda: encoder.encode_image("input", picture, None, budget))
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
+    emit(out, section="shapes", model="encoder", size=(900, 600), profiled_first=first, top_self_cpu=table)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        again = once(lambda: encoder.encode_image("input", picture, None, budget))
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
+    emit(out, section="shapes", model="encoder", size=(900, 600), profiled_next=again, top_self_cpu=table)
+    del encoder
+    torch.cuda.empty_cache()
+    vae = full_size.flux_vae("cuda", torch.bfloat16)
+    with torch.inference_mode():
+        for side in ((1024, 1024), (1008, 704), (704, 1008)):
+            x = torch.randn(1, 3, side[1], side[0], device="cuda", dtype=torch.bfloat16)
+            calls = [once(lambda: vae.encode(x).latent_dist.mode()) for _ in range(3)]
+            emit(out, section="shapes", model="vae_encode", size=side, first=calls[0], next=calls[1:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--sections", default="peak,attention,png,vae,step,torchao")
     parser.add_argument("--variants", default="eager,regional,fused_qkv,fp8_tensor,fp8_row,flags")
     parser.add_argument("--budget", type=float, default=540)
+    parser.add_argument("--checkpoints", default="/tmp/tiny", help="tokenizers and configs (section shapes)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,7 +293,9 @@ def main() -> None:
             emit(out, section=section, skipped="budget")
             continue
         try:
-            if section == "step":
+            if section == "shapes":
+                shapes(out, args.checkpoints)
+            elif section == "step":
                 step(out, args.budget, args.variants.split(","))
             else:
                 {"peak": peak, "attention": attention, "vae": vae, "png": png, "torchao": torchao_fp8}[section](out)
