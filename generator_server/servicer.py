@@ -192,12 +192,20 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         images = job.images
 
         # Image encoding runs after the model is released: the next request's denoise overlaps it.
+        # Each image has its own thread (zlib and libwebp let go of the GIL); they stream in order.
         start = time.perf_counter()
         metadata = {"mode": job.mode.value, "parameters": job.params, "versions": versions()}
-        for index, image in enumerate(images):
-            fmt, data = await asyncio.to_thread(encode_output, image, request.output, dict(metadata, index=index))
-            yield pb.GenerateEvent(image=pb.GeneratedImage(index=index, format=fmt, data=data,
-                                                           width=image.width, height=image.height))
+        encodings = [asyncio.ensure_future(asyncio.to_thread(encode_output, image, request.output,
+                                                             dict(metadata, index=index)))
+                     for index, image in enumerate(images)]
+        try:
+            for index, (image, encoding) in enumerate(zip(images, encodings)):
+                fmt, data = await encoding
+                yield pb.GenerateEvent(image=pb.GeneratedImage(index=index, format=fmt, data=data,
+                                                               width=image.width, height=image.height))
+        finally:
+            for encoding in encodings:
+                encoding.cancel()
         job.timings["image_encode"] = time.perf_counter() - start
         t = job.timings
         yield pb.GenerateEvent(summary=pb.GenerationSummary(

@@ -41,6 +41,7 @@ def test_returns_image_count_images_of_the_aspect_ratio_size(client, picture):
     assert result.parameters["aspect_ratio"] == "16:9" and result.seed == 3
     meta = png_metadata(result.images[0])
     assert meta["parameters"]["seed"] == 3 and meta["versions"]["diffusers"]
+    assert [png_metadata(image)["index"] for image in result.images] == [0, 1]   # encoded apart, sent in order
 
 
 def test_same_seed_gives_identical_pngs_and_another_seed_does_not(client, picture):
