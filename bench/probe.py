@@ -274,16 +274,12 @@ def shapes(out: Path, checkpoints: str) -> None:
         emit(out, section="shapes", model="encoder", size=size, first=calls[0], next=calls[1:],
              image_processor=time.perf_counter() - began)
     picture = Image.new("RGB", (900, 600), (90, 140, 200))
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        first = once(lambda: encoder.encode_image("input", picture, None, budget))
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
-    emit(out, section="shapes", model="encoder", size=(900, 600), profiled_first=first, top_self_cpu=table)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        again = once(lambda: encoder.encode_image("input", picture, None, budget))
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
-    emit(out, section="shapes", model="encoder", size=(900, 600), profiled_next=again, top_self_cpu=table)
+    for call in ("profiled_first", "profiled_next"):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            seconds = once(lambda: encoder.encode_image("input", picture, None, budget))
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
+        emit(out, section="shapes", model="encoder", size=(900, 600), **{call: seconds}, top_self_cpu=table)
     del encoder
     torch.cuda.empty_cache()
     vae = full_size.flux_vae("cuda", torch.bfloat16)

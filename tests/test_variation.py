@@ -36,7 +36,7 @@ def test_returns_image_count_images_of_the_aspect_ratio_size(client, picture):
     assert len(result.images) == 2
     assert result.images.sizes == [ASPECT_RATIOS["16:9"]] * 2          # known before any decode
     assert all(image.size == ASPECT_RATIOS["16:9"] for image in result.images)
-    assert [np.asarray(image) for image in result.images[-1:]][0].tobytes() == \
+    assert np.asarray(result.images[-1]).tobytes() == \
         np.asarray(Image.open(io.BytesIO(result.data[1])).convert("RGB")).tobytes()
     assert result.parameters["aspect_ratio"] == "16:9" and result.seed == 3
     meta = png_metadata(result.images[0])
