@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import secrets
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -118,6 +120,9 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         self.host = host
         self.args = args
         self.max_pixels = args.max_image_pixels
+        # Output images are encoded on threads of their own (zlib and libwebp let go of the GIL),
+        # so a request of many images does not hold up the uploads of the next one.
+        self._encoding = ThreadPoolExecutor(max_workers=os.cpu_count() or 4, thread_name_prefix="image-encode")
 
     def _checked(self, request: pb.GenerateRequest) -> tuple[Mode, dict, list[str]]:
         """What can be judged from the message alone, before admission (no decoding)."""
@@ -192,11 +197,12 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         images = job.images
 
         # Image encoding runs after the model is released: the next request's denoise overlaps it.
-        # Each image has its own thread (zlib and libwebp let go of the GIL); they stream in order.
+        # The images are encoded side by side and stream in order.
         start = time.perf_counter()
         metadata = {"mode": job.mode.value, "parameters": job.params, "versions": versions()}
-        encodings = [asyncio.ensure_future(asyncio.to_thread(encode_output, image, request.output,
-                                                             dict(metadata, index=index)))
+        loop = asyncio.get_running_loop()
+        encodings = [loop.run_in_executor(self._encoding, encode_output, image, request.output,
+                                          dict(metadata, index=index))
                      for index, image in enumerate(images)]
         try:
             for index, (image, encoding) in enumerate(zip(images, encodings)):
