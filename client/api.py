@@ -42,31 +42,44 @@ class ServiceError(RuntimeError):
 
 
 class GeneratedImages(Sequence):
-    """The generated images, each decoded on first access: a caller that only keeps the files
-    (`GenerationResult.data`: writes them, forwards them) pays no PNG decode, about 30 ms a
-    megapixel. `sizes` needs no decode either."""
+    """The generated images, read-only, each decoded on first access: a caller that only keeps
+    the files (`GenerationResult.data`: writes them, forwards them) pays no PNG decode, about
+    30 ms a megapixel. `sizes` needs no decode either; `list(result.images)` gives a list. A file
+    Pillow cannot read raises when that image is first read."""
 
-    def __init__(self, messages=()):
-        self._messages: list[pb.GeneratedImage] = list(messages)
+    def __init__(self, data: list[bytes]):
+        self._data = data                                   # GenerationResult.data, shared
+        self._kinds: list[tuple[int, int, int]] = []        # (format, width, height) per image
         self._decoded: dict[int, Image.Image] = {}
+        self._lock = threading.Lock()
 
-    def append(self, message: pb.GeneratedImage) -> None:
-        self._messages.append(message)
+    def _add(self, message: pb.GeneratedImage) -> None:
+        self._data.append(message.data)
+        self._kinds.append((message.format, message.width, message.height))
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
-        return [(m.width, m.height) for m in self._messages]
+        return [(width, height) for _, width, height in self._kinds]
 
     def __len__(self) -> int:
-        return len(self._messages)
+        return len(self._kinds)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         index = range(len(self))[index]
-        if index not in self._decoded:
-            self._decoded[index] = _decode_output(self._messages[index])
-        return self._decoded[index]
+        with self._lock:
+            if index not in self._decoded:
+                fmt, width, height = self._kinds[index]
+                self._decoded[index] = _decode_output(fmt, width, height, self._data[index])
+            return self._decoded[index]
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (GeneratedImages, list, tuple)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None
 
     def __repr__(self) -> str:
         return f"GeneratedImages(sizes={self.sizes})"
@@ -361,7 +374,8 @@ class GenerationEvents:
     """The events of one Generate stream, gathered into a GenerationResult."""
 
     def __init__(self):
-        self.images, self.data, self.summary = GeneratedImages(), [], None
+        self.data, self.summary = [], None
+        self.images = GeneratedImages(self.data)
 
     def add(self, event: pb.GenerateEvent) -> pb.Progress | None:
         """Keep an image or the summary; hand back a progress event."""
@@ -369,8 +383,7 @@ class GenerationEvents:
         if kind == "progress":
             return event.progress
         if kind == "image":
-            self.data.append(event.image.data)
-            self.images.append(event.image)
+            self.images._add(event.image)
         elif kind == "summary":
             self.summary = event.summary
         return None
@@ -442,10 +455,10 @@ def _open_image(data: bytes) -> Image.Image:
     return image
 
 
-def _decode_output(message: pb.GeneratedImage) -> Image.Image:
-    if message.format == pb.RAW_RGB8:
-        return Image.frombytes("RGB", (message.width, message.height), message.data)
-    return _open_image(message.data)
+def _decode_output(fmt: int, width: int, height: int, data: bytes) -> Image.Image:
+    if fmt == pb.RAW_RGB8:
+        return Image.frombytes("RGB", (width, height), data)
+    return _open_image(data)
 
 
 def png_metadata(image: Image.Image) -> dict:

@@ -122,7 +122,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         self.max_pixels = args.max_image_pixels
         # Output images are encoded on threads of their own (zlib and libwebp let go of the GIL),
         # so a request of many images does not hold up the uploads of the next one.
-        self._encoding = ThreadPoolExecutor(max_workers=os.cpu_count() or 4, thread_name_prefix="image-encode")
+        self._encoding = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)), thread_name_prefix="image-encode")
 
     def _checked(self, request: pb.GenerateRequest) -> tuple[Mode, dict, list[str]]:
         """What can be judged from the message alone, before admission (no decoding)."""
@@ -204,6 +204,8 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         encodings = [loop.run_in_executor(self._encoding, encode_output, image, request.output,
                                           dict(metadata, index=index))
                      for index, image in enumerate(images)]
+        for encoding in encodings:   # retrieved even when an earlier image's failure ends the stream
+            encoding.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             for index, (image, encoding) in enumerate(zip(images, encodings)):
                 fmt, data = await encoding

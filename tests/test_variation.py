@@ -35,6 +35,7 @@ def test_returns_image_count_images_of_the_aspect_ratio_size(client, picture):
     result = client.variation(picture, steps=1, image_count=2, aspect_ratio="16:9", seed=3)
     assert len(result.images) == 2
     assert result.images.sizes == [ASPECT_RATIOS["16:9"]] * 2          # known before any decode
+    assert result.images == list(result.images) and result.images[0] is result.images[0]   # decoded once
     assert all(image.size == ASPECT_RATIOS["16:9"] for image in result.images)
     assert np.asarray(result.images[-1]).tobytes() == \
         np.asarray(Image.open(io.BytesIO(result.data[1])).convert("RGB")).tobytes()
