@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qwen2vl_flux.checkpoints import CheckpointError, CheckpointLayout, full_size
 from qwen2vl_flux.checkpoints.projections import load_linear
@@ -26,6 +27,10 @@ CLIP_MAX_LENGTH = 77
 QWEN_SPECIAL_IDS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
                     "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
                     "bos_token_id": "<|endoftext|>", "eos_token_id": "<|im_end|>"}
+# Qwen2-VL's text attention leaves out cuDNN: cuDNN builds a plan for every new sequence length,
+# which cost the first image of each new image-token count 60 ms on an H200 (bench/probe.py
+# --sections shapes). Flash attention has no per-length set-up. The CPU picks flash or math either way.
+TEXT_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -129,12 +134,13 @@ class Qwen2VLFluxEncoder:
         text = self.prompt_text.replace(self.image_token, self.image_token * count, 1)
         input_ids = self.tokenizer(text, return_tensors="pt").input_ids.to(self.device)
         is_image = input_ids == self.image_token_id
-        hidden = self.qwen(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-            pixel_values=features["pixel_values"].to(self.device, self.dtype),
-            image_grid_thw=grid.to(self.device), mm_token_type_ids=is_image.to(torch.int32),
-            use_cache=False,
-        ).last_hidden_state
+        with sdpa_kernel(TEXT_ATTENTION):
+            hidden = self.qwen(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                pixel_values=features["pixel_values"].to(self.device, self.dtype),
+                image_grid_thw=grid.to(self.device), mm_token_type_ids=is_image.to(torch.int32),
+                use_cache=False,
+            ).last_hidden_state
         t, h, w = (int(v) for v in grid[0])
         return hidden[is_image].unsqueeze(0), (t, h, w)
 

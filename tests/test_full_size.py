@@ -53,3 +53,20 @@ def test_random_full_size_path_runs_every_piece(shrunk, tiny_checkpoints):
     images = generator.generate(GenerationJob(Mode.CONTROLNET, params, cond, init_image=picture,
                                               control_maps={"depth": picture, "line": picture}))
     assert [im.size for im in images] == [(64, 48)]
+
+
+def test_qwen_text_attention_runs_without_cudnn(tiny_checkpoints):
+    """cuDNN's attention builds a plan for every new sequence length (60 ms for each new image-token
+    count on an H200), so the encoder's Qwen2-VL text attention runs without it, and the process's
+    own choice of backends is left as it was."""
+    from qwen2vl_flux.encoder_server.model import Qwen2VLFluxEncoder
+
+    encoder = Qwen2VLFluxEncoder(tiny_checkpoints)
+    backends = []
+    attention = encoder.qwen.language_model.layers[0].self_attn
+    attention.register_forward_pre_hook(lambda module, args: backends.append(
+        (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())))
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    encoder.encode_image("a", Image.new("RGB", (96, 64), (20, 90, 160)), None, 256 * 28 * 28)
+    assert backends == [(False, True)]
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
