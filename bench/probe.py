@@ -1,6 +1,6 @@
 """Per-step probe of the generator's speed options on one GPU, full-size random weights.
 
-  python bench/probe.py --out DIR [--sections peak,attention,step,vae,png,shapes] [--budget 540]
+  python bench/probe.py --out DIR [--sections peak,attention,step,vae,png,shapes,startup] [--budget 540]
 
 Times one FLUX.1-dev transformer call at 1024x1024 (4096 image + 768 text tokens) for each
 option (eager, regional compile, fused QKV, Inductor flags, fp8 row/tensor-wise), with its
@@ -254,32 +254,55 @@ def torchao_fp8(out: Path) -> None:
          frames=dict(torch._dynamo.utils.counters["stats"]))
 
 
-def shapes(out: Path, checkpoints: str) -> None:
-    """What an eager model pays the first time it meets an image size: the encoder (Qwen2-VL)
-    and the VAE's encoder, first call against the next at each size, and a profile of one
-    first call by where its host time goes."""
-    from PIL import Image
-
-    from qwen2vl_flux.encoder_server.model import Qwen2VLFluxEncoder
-
-    encoder = Qwen2VLFluxEncoder(checkpoints, device="cuda", dtype=torch.bfloat16, random_weights="full")
-    budget = 256 * 28 * 28
-    sizes = [(1024, 768), (1000, 700), (700, 1000), (1280, 720), (640, 1136)]
-    for size in sizes:
-        picture = Image.new("RGB", size, (90, 140, 200))
-        calls = [once(lambda: encoder.encode_image("input", picture, None, budget)) for _ in range(3)]
-        began = time.perf_counter()
-        encoder.image_processor(images=[picture], size={"shortest_edge": budget, "longest_edge": budget},
-                                return_tensors="pt")
-        emit(out, section="shapes", model="encoder", size=size, first=calls[0], next=calls[1:],
-             image_processor=time.perf_counter() - began)
-    picture = Image.new("RGB", (900, 600), (90, 140, 200))
-    for call in ("profiled_first", "profiled_next"):
+def first_call_profile(fn) -> dict:
+    """Profile a first call and the next one; the ops whose host time grew the most."""
+    def profiled():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
-            seconds = once(lambda: encoder.encode_image("input", picture, None, budget))
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
-        emit(out, section="shapes", model="encoder", size=(900, 600), **{call: seconds}, top_self_cpu=table)
+            seconds = once(fn)
+        return seconds, {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()}
+    first, ops_first = profiled()
+    second, ops_next = profiled()
+    grown = sorted(((ops_first[k][0] - ops_next.get(k, (0, 0))[0]) / 1000, k, ops_first[k][1]) for k in ops_first)
+    return {"first": first, "next": second,
+            "grown_ms": [(k, round(ms, 2), n) for ms, k, n in grown[::-1][:12]]}
+
+
+def shapes(out: Path, checkpoints: str) -> None:
+    """What an eager model pays the first time it meets an image size: the encoder (Qwen2-VL)
+    and the VAE's encoder, first call against the next ones at each size, and a profile of a first
+    call at a patch count not seen before (which ops' host time grew). The encoder runs its text
+    attention as it serves (no cuDNN), then with cuDNN's at other new counts, for comparison."""
+    from PIL import Image
+    from torch.nn.attention import SDPBackend
+
+    from qwen2vl_flux.encoder_server import model as encoder_model
+
+    encoder = encoder_model.Qwen2VLFluxEncoder(checkpoints, device="cuda", dtype=torch.bfloat16,
+                                               random_weights="full")
+    budget = 256 * 28 * 28
+
+    def encode(size):
+        picture = Image.new("RGB", size, (90, 140, 200))
+        return lambda: encoder.encode_image("input", picture, None, budget)
+
+    def sizes(attention: str, new: list, profiled: tuple) -> None:
+        for size in new:
+            calls = [once(encode(size)) for _ in range(4)]
+            emit(out, section="shapes", model="encoder", attention=attention, size=size, first=calls[0],
+                 next=calls[1:])
+        emit(out, section="shapes", model="encoder", attention=attention, size=profiled,
+             profile=first_call_profile(encode(profiled)))
+
+    # Patch counts: 936, 988, 988 (transposed), 1008, 1008 (transposed); 952 profiled.
+    sizes("served", [(1024, 768), (1000, 700), (700, 1000), (1280, 720), (640, 1136)], (537, 650))
+    served = encoder_model.TEXT_ATTENTION
+    encoder_model.TEXT_ATTENTION = [SDPBackend.CUDNN_ATTENTION]
+    try:  # 968, 912, 920 patches
+        sizes("cudnn", [(500, 950), (611, 950)], (1092, 500))
+    finally:
+        encoder_model.TEXT_ATTENTION = served
+    sizes("served", [(1240, 500), (1055, 500)], (574, 650))  # 1000, 1012; 1020
     del encoder
     torch.cuda.empty_cache()
     vae = full_size.flux_vae("cuda", torch.bfloat16)
@@ -288,6 +311,56 @@ def shapes(out: Path, checkpoints: str) -> None:
             x = torch.randn(1, 3, side[1], side[0], device="cuda", dtype=torch.bfloat16)
             calls = [once(lambda: vae.encode(x).latent_dist.mode()) for _ in range(3)]
             emit(out, section="shapes", model="vae_encode", size=side, first=calls[0], next=calls[1:])
+        x = torch.randn(1, 3, 880, 1200, device="cuda", dtype=torch.bfloat16)
+        emit(out, section="shapes", model="vae_encode", size=(1200, 880),
+             profile=first_call_profile(lambda: vae.encode(x).latent_dist.mode()))
+
+
+def startup(out: Path, checkpoints: str) -> None:
+    """Where a generator process's time goes before its weights: spawn to the port bound
+    ("listening"), then to the start of the weights, with Python's import times summed by top-level
+    package (-X importtime, a second start so that its overhead does not count in the first)."""
+    import re
+    import subprocess
+    import sys
+
+    def start(*python_flags: str) -> tuple[dict, str]:
+        log = out / f"startup{''.join(python_flags)}.log"
+        began = time.time()
+        with log.open("w") as err:
+            process = subprocess.Popen(
+                [sys.executable, *python_flags, "-m", "qwen2vl_flux.generator_server", "--checkpoints", checkpoints,
+                 "--random-weights", "full", "--device", "cuda:0", "--port", "0", "--no-compile"],
+                stderr=err, stdout=subprocess.DEVNULL)
+            events: dict = {}
+            try:
+                while "serving" not in events and process.poll() is None and time.time() - began < 240:
+                    time.sleep(0.2)
+                    for line in log.read_text(errors="replace").splitlines():
+                        if line.startswith("{") and '"msg"' in line:
+                            event = json.loads(line)
+                            events.setdefault(event["msg"], event)
+            finally:
+                process.terminate()
+                process.wait(60)
+        text = log.read_text(errors="replace")
+        marks = {"spawn_to_listening": events.get("listening", {}).get("ts", began) - began}
+        if "weights loaded" in events:
+            weights = events["weights loaded"]
+            marks["listening_to_weights_start"] = weights["ts"] - weights["seconds"] - events["listening"]["ts"]
+            marks["weights"] = weights["seconds"]
+        return marks, text
+
+    marks, _ = start()
+    emit(out, section="startup", run="plain", **marks)
+    marks, text = start("-X", "importtime")
+    by_package: dict[str, float] = {}
+    for self_us, name in re.findall(r"import time:\s+(\d+) \|\s+\d+ \|\s*([\w.]+)", text):
+        top = name.split(".")[0]
+        by_package[top] = by_package.get(top, 0.0) + int(self_us) / 1e6
+    top = dict(sorted(by_package.items(), key=lambda kv: -kv[1])[:12])
+    emit(out, section="startup", run="importtime", **marks, imports_total=sum(by_package.values()),
+         imports_by_package={k: round(v, 2) for k, v in top.items()})
 
 
 def main() -> None:
@@ -306,8 +379,8 @@ def main() -> None:
             emit(out, section=section, skipped="budget")
             continue
         try:
-            if section == "shapes":
-                shapes(out, args.checkpoints)
+            if section in ("shapes", "startup"):
+                {"shapes": shapes, "startup": startup}[section](out, args.checkpoints)
             elif section == "step":
                 step(out, args.budget, args.variants.split(","))
             else:
