@@ -107,8 +107,12 @@ def _first_requests(client: Client) -> dict:
         name = f"{mode} {extra.get('aspect_ratio') or '%dx%d' % size}"
         times, generator = [], []
         for seed in (0, 1):
+            # A picture of its own for each call, so that both miss the encoder's cache: with one
+            # picture the warm call's encoding was a cache hit and the ratio counted a whole encode.
+            shot = picture.copy()
+            shot.putpixel((0, 0), (seed, seed, seed))
             start = time.perf_counter()
-            result = client.run(mode, picture, prompt=PROMPT, seed=seed, **params)
+            result = client.run(mode, shot, prompt=PROMPT, seed=seed, **params)
             times.append(time.perf_counter() - start)
             generator.append(result.timings["total_seconds"])
         # end to end (the encoder meets the new size too), and the generator's part alone
