@@ -28,7 +28,7 @@ QWEN_SPECIAL_IDS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|vide
                     "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
                     "bos_token_id": "<|endoftext|>", "eos_token_id": "<|im_end|>"}
 # Qwen2-VL's text attention leaves out cuDNN: cuDNN builds a plan for every new sequence length,
-# which cost the first image of each new image-token count 60 ms on an H200 (bench/probe.py
+# which cost the first image of each new image-token count 40-500 ms on an H200 (bench/probe.py
 # --sections shapes). Flash attention has no per-length set-up. The CPU picks flash or math either way.
 TEXT_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 

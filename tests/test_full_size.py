@@ -56,7 +56,7 @@ def test_random_full_size_path_runs_every_piece(shrunk, tiny_checkpoints):
 
 
 def test_qwen_text_attention_runs_without_cudnn(tiny_checkpoints):
-    """cuDNN's attention builds a plan for every new sequence length (60 ms for each new image-token
+    """cuDNN's attention builds a plan for every new sequence length (40-500 ms for each new image-token
     count on an H200), so the encoder's Qwen2-VL text attention runs without it, and the process's
     own choice of backends is left as it was."""
     from qwen2vl_flux.encoder_server.model import Qwen2VLFluxEncoder
