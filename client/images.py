@@ -9,6 +9,7 @@ from PIL import Image, ImageOps
 
 from .errors import InvalidArgument
 from .modes import generation_size
+from .png import png_bytes
 
 # Beyond this an upload is refused before it is decoded (decompression bombs).
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -28,9 +29,7 @@ def image_bytes(image: "Image.Image | bytes | str | Path") -> bytes:
         check_readable(data, str(image))
         return data
     if isinstance(image, Image.Image):
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", compress_level=1)
-        return buf.getvalue()
+        return png_bytes(image)
     raise TypeError(f"expected a PIL image, bytes or a path, got {type(image).__name__}")
 
 

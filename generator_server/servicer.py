@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from qwen2vl_flux.client.errors import InvalidArgument, ModelMismatch
 from qwen2vl_flux.client.images import alpha_mask, decode_image, decode_mask, fit_mask, resize_for_generation
@@ -20,6 +20,7 @@ from qwen2vl_flux.client.modes import (MAX_CONTROL_MAPS, MAX_GUIDANCE, MAX_IMAGE
                                        MAX_PIXEL_STEPS, MAX_SIDE, MAX_STEPS, MIN_IMAGE_SIDE, ROLE_INPUT, Mode,
                                        check_output_budget, control_maps_used, output_size, resolve_parameters,
                                        transformer_role)
+from qwen2vl_flux.client.png import png_bytes
 from qwen2vl_flux.client.wire import mode_from_proto, params_from_proto, params_to_proto
 from qwen2vl_flux.serving.server import (Cancelled, ModelHost, log_event, request_id, rpc_method, rpc_stream,
                                          server_info, versions)
@@ -86,7 +87,7 @@ def output_settings(options: pb.OutputOptions) -> tuple[int, int, int]:
     fmt = options.format or pb.PNG
     if fmt not in (pb.PNG, pb.JPEG, pb.WEBP, pb.RAW_RGB8):
         raise InvalidArgument("format", f"unknown output format {fmt}")
-    # Level 1: a 1024x1024 PNG in ~30 ms instead of ~300 ms at PIL's default 6.
+    # Level 1: zlib's fastest; Pillow at level 6 took 4 x as long as at 1 (bench/probe.py, section png).
     level = options.png_compress_level if options.HasField("png_compress_level") else 1
     if level > 9:
         raise InvalidArgument("png_compress_level", f"png_compress_level must be 0..9, got {level}")
@@ -103,9 +104,7 @@ def encode_output(image: Image.Image, options: pb.OutputOptions, metadata: dict)
     buf = io.BytesIO()
     text = json.dumps(metadata, sort_keys=True)
     if fmt == pb.PNG:
-        info = PngImagePlugin.PngInfo()
-        info.add_text(PNG_METADATA_KEY, text)
-        image.save(buf, format="PNG", pnginfo=info, compress_level=level)
+        buf.write(png_bytes(image, level, {PNG_METADATA_KEY: text}))
     elif fmt in (pb.JPEG, pb.WEBP):
         exif = Image.Exif()
         exif[0x010E] = text  # ImageDescription
