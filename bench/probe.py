@@ -214,14 +214,14 @@ def png(out: Path) -> None:
         begin = time.perf_counter()
         for _ in range(5):
             png_bytes(picture, level)
-        emit(out, section="image_encode", kind=f"PNG level {level}, ours (Sub filter, strips on threads)",
+        emit(out, section="image_encode", kind=f"PNG level {level}, ours (client/png.py: strips on every CPU)",
              seconds=(time.perf_counter() - begin) / 5, bytes=size)
     begin = time.perf_counter()
     for _ in range(5):
         picture.tobytes()
     emit(out, section="image_encode", kind="raw RGB", seconds=(time.perf_counter() - begin) / 5,
          bytes=len(picture.tobytes()))
-    # image_count 4: one after another, or each on its own thread as the generator does
+    # image_count 4: one call after another, or four at once as the generator makes them
     from concurrent.futures import ThreadPoolExecutor
 
     def png1(image) -> int:
