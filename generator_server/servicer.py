@@ -87,7 +87,7 @@ def output_settings(options: pb.OutputOptions) -> tuple[int, int, int]:
     fmt = options.format or pb.PNG
     if fmt not in (pb.PNG, pb.JPEG, pb.WEBP, pb.RAW_RGB8):
         raise InvalidArgument("format", f"unknown output format {fmt}")
-    # Level 1: zlib's fastest; Pillow at level 6 took 4 x as long as at 1 (bench/probe.py, section png).
+    # Level 1: zlib's fastest; level 6 takes about 5 x as long for a file 7 % smaller (BENCHMARKS.md).
     level = options.png_compress_level if options.HasField("png_compress_level") else 1
     if level > 9:
         raise InvalidArgument("png_compress_level", f"png_compress_level must be 0..9, got {level}")
