@@ -253,6 +253,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
 
         task = asyncio.ensure_future(self.host.run(work))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody awaits
+        getter = None
         try:
             while True:
                 getter = asyncio.ensure_future(events.get())
@@ -265,6 +266,8 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
                 yield pb.GenerateEvent(progress=events.get_nowait())
             job.images = task.result()
         finally:
+            if getter is not None and not getter.done():   # the caller left while we waited
+                getter.cancel()
             if not task.done():
                 stop.set()
                 log_event("stopping generation", request_id=rid)
