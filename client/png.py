@@ -16,9 +16,12 @@ import struct
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-import numpy as np
 from PIL import Image, PngImagePlugin
+
+if TYPE_CHECKING:
+    import numpy as np
 
 COLOUR_TYPES = {"L": 0, "LA": 4, "RGB": 2, "RGBA": 6}
 STRIP_BYTES = 256 * 1024
@@ -33,23 +36,37 @@ _pool_lock = threading.Lock()
 def png_bytes(image: Image.Image, level: int = 1, text: dict[str, str] | None = None) -> bytes:
     """`image` as a PNG file at zlib `level` (0-9), with `text` as tEXt (or iTXt) chunks."""
     if (image.mode not in COLOUR_TYPES or image.width == 0 or image.height == 0
-            or "transparency" in image.info or "icc_profile" in image.info):
+            or "transparency" in image.info or "icc_profile" in image.info or not _has_numpy()):
         return _pillow_png(image, level, text)
+    import numpy as np
     channels = len(image.mode)
     rows = np.ascontiguousarray(np.asarray(image)).reshape(image.height, image.width * channels)
     header = struct.pack(">IIBBBBB", image.width, image.height, 8, COLOUR_TYPES[image.mode], 0, 0, 0)
-    stream = _zlib_stream(rows, channels, level)
-    chunks = [_chunk(b"IHDR", header)]
-    chunks += [_text_chunk(key, value) for key, value in (text or {}).items()]
-    chunks += [_chunk(b"IDAT", stream[at:at + IDAT_BYTES]) for at in range(0, len(stream), IDAT_BYTES)]
-    chunks.append(_chunk(b"IEND", b""))
-    return SIGNATURE + b"".join(chunks)
+    stream = memoryview(b"".join(_zlib_stream(rows, channels, level)))
+    parts = [SIGNATURE, _chunk(b"IHDR", header)]
+    parts += [_text_chunk(key, value) for key, value in (text or {}).items()]
+    for at in range(0, len(stream), IDAT_BYTES):
+        parts += _chunk_parts(b"IDAT", stream[at:at + IDAT_BYTES])
+    parts.append(_chunk(b"IEND", b""))
+    return b"".join(parts)
+
+
+def _has_numpy() -> bool:
+    """The client library itself needs only Pillow, and imports numpy at first use: without
+    numpy, Pillow writes the PNGs."""
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def filter_rows(rows: np.ndarray, above: np.ndarray, bpp: int) -> np.ndarray:
     """PNG-filtered rows (filter byte first): per row the filter of None, Sub, Up, Average and
     Paeth whose bytes, read as signed, have the smallest sum of absolute values. `above` is the
     row before the first (zeros at the top of the image). uint8 arithmetic wraps as PNG's does."""
+    import numpy as np
+
     h, width = rows.shape
     b = np.vstack([above[None], rows[:-1]])                     # the byte above
     a = np.zeros_like(rows)                                     # the byte a pixel to the left
@@ -82,46 +99,64 @@ def filter_rows(rows: np.ndarray, above: np.ndarray, bpp: int) -> np.ndarray:
 
 def _byte_mask(condition: np.ndarray) -> np.ndarray:
     """0xFF where `condition`, 0 elsewhere: a select by bit operations, faster than np.where."""
-    return np.negative(condition.view(np.uint8))
+    return -condition.view("u1")
 
 
-def _zlib_stream(rows: np.ndarray, bpp: int, level: int) -> bytes:
-    rows_per_strip = max(1, STRIP_BYTES // (rows.shape[1] + 1))
+def _zlib_stream(rows: np.ndarray, bpp: int, level: int) -> list[bytes]:
+    """The zlib stream of the filtered rows, as pieces to join."""
+    import numpy as np
+
+    row_bytes = rows.shape[1] + 1
+    rows_per_strip = max(1, STRIP_BYTES // row_bytes)
     starts = list(range(0, rows.shape[0], rows_per_strip))
-    filtered: list[bytes | None] = [None] * len(starts)
-    done = [threading.Event() for _ in starts]
 
-    def strip(index: int) -> bytes:
-        start = starts[index]
+    def filtered(start: int, stop: int) -> bytes:
         above = rows[start - 1] if start else np.zeros(rows.shape[1], np.uint8)
-        filtered[index] = filter_rows(rows[start:start + rows_per_strip], above, bpp).tobytes()
-        done[index].set()
+        return filter_rows(rows[start:stop], above, bpp).tobytes()
+
+    def strip(index: int) -> tuple[bytes, int, int]:
+        """One strip deflated, its Adler-32 and length. The strip's dictionary, the 32 KB before it,
+        is filtered again here (each row's filter depends on it and the row above only), so no
+        strip waits on another."""
+        start = starts[index]
+        stop = min(start + rows_per_strip, rows.shape[0])
         primed = {}
-        if index:   # the window before this strip: the end of the previous strip's filtered bytes
-            done[index - 1].wait()
-            primed = {"zdict": filtered[index - 1][-WINDOW:]}
+        if start:
+            primed["zdict"] = filtered(max(0, start - -(-WINDOW // row_bytes)), start)[-WINDOW:]
+        data = filtered(start, stop)
         compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, **primed)
         last = index == len(starts) - 1
-        return compressor.compress(filtered[index]) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+        deflated = compressor.compress(data) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+        return deflated, zlib.adler32(data), len(data)
 
     strips = _run(strip, len(starts))
     adler = 1
-    for piece in filtered:
-        adler = zlib.adler32(piece, adler)
+    for _, strip_adler, length in strips:
+        adler = adler32_combine(adler, strip_adler, length)
     # zlib's header (32 KB window; FLEVEL says how hard it tried) and the Adler-32 of all of it
     flag = {0: 0x01, 1: 0x01, 2: 0x5E, 3: 0x5E, 4: 0x5E, 5: 0x5E, 6: 0x9C}.get(level, 0xDA)
-    return bytes((0x78, flag)) + b"".join(strips) + struct.pack(">I", adler)
+    return [bytes((0x78, flag)), *(deflated for deflated, _, _ in strips), struct.pack(">I", adler)]
 
 
-def _run(fn, count: int) -> list[bytes]:
-    """fn(0..count-1) on the pool, in order; on the calling thread when there is one strip or the
-    pool is gone (interpreter shutdown). Strip i waits only on strip i-1's filtering, which the pool
-    started earlier, so the pool cannot deadlock."""
+def adler32_combine(first: int, second: int, second_length: int) -> int:
+    """The Adler-32 of two byte strings joined, from theirs (zlib's adler32_combine)."""
+    base = 65521
+    rem = second_length % base
+    low = (first & 0xFFFF) + (second & 0xFFFF) + base - 1
+    high = (rem * (first & 0xFFFF)) % base + (first >> 16) + (second >> 16) + base - rem
+    return (low % base) | ((high % base) << 16)
+
+
+def _run(fn, count: int) -> list:
+    """fn(0..count-1), in order: on the pool, or on the calling thread when there is one strip or
+    the pool is gone (interpreter shutdown). No call waits on another, so the pool cannot deadlock."""
     if count > 1:
         try:
-            return list(_threads().map(fn, range(count)))
+            futures = [_threads().submit(fn, i) for i in range(count)]
         except RuntimeError:   # "cannot schedule new futures after (interpreter) shutdown"
             pass
+        else:
+            return [future.result() for future in futures]
     return [fn(i) for i in range(count)]
 
 
@@ -145,7 +180,12 @@ if hasattr(os, "register_at_fork"):
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
+    return b"".join(_chunk_parts(kind, body))
+
+
+def _chunk_parts(kind: bytes, body) -> list:
+    """A chunk as pieces to join (length, type, body, CRC), so a large body is not copied twice."""
+    return [struct.pack(">I", len(body)), kind, body, struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))]
 
 
 def _text_chunk(key: str, value: str) -> bytes:

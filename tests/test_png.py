@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -130,10 +131,53 @@ def test_a_forked_child_writes_pngs_too():
     expected = png.png_bytes(image)   # the parent's pool is up
     pid = os.fork()
     if pid == 0:   # the child: its copy of the pool has no threads
-        signal.alarm(60)
-        os._exit(0 if png.png_bytes(image) == expected else 1)
+        same = False
+        try:
+            signal.alarm(60)
+            same = png.png_bytes(image) == expected
+        finally:
+            os._exit(0 if same else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_failing_strip_leaves_the_pool_serving(monkeypatch):
+    image = _image("RGB", (1024, 1024))
+    expected = png.png_bytes(image)
+    real = png.filter_rows
+    rows = np.asarray(image).reshape(1024, 1024 * 3)
+    second_strip = png.STRIP_BYTES // (1024 * 3 + 1)
+
+    def second_strip_fails(strip_rows, above, bpp):
+        """Only the second strip's own rows fail: the strips after it still filter theirs."""
+        if len(strip_rows) == second_strip and np.array_equal(above, rows[second_strip - 1]):
+            raise MemoryError("strip")
+        return real(strip_rows, above, bpp)
+
+    monkeypatch.setattr(png, "filter_rows", second_strip_fails)
+    for _ in range(4):   # more failures than this machine has pool threads
+        with pytest.raises(MemoryError):
+            png.png_bytes(image)
+    monkeypatch.setattr(png, "filter_rows", real)
+    caller = ThreadPoolExecutor(1)
+    try:
+        assert caller.submit(png.png_bytes, image).result(timeout=60) == expected
+    finally:
+        caller.shutdown(wait=False)
+
+
+def test_concurrent_calls_write_what_one_call_writes():
+    images = [_image(mode, (700 + 37 * i, 500), seed=i) for i, mode in enumerate(["L", "LA", "RGB", "RGBA"] * 3)]
+    alone = [png.png_bytes(image) for image in images]
+    with ThreadPoolExecutor(8) as callers:
+        assert list(callers.map(png.png_bytes, images)) == alone
+
+
+def test_adler32_of_joined_strips():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        first, second = (rng.integers(0, 256, rng.integers(0, 300_000), dtype=np.uint8).tobytes() for _ in range(2))
+        assert png.adler32_combine(zlib.adler32(first), zlib.adler32(second), len(second)) == zlib.adler32(first + second)
 
 
 def test_written_from_an_atexit_handler():
