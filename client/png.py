@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 COLOUR_TYPES = {"L": 0, "LA": 4, "RGB": 2, "RGBA": 6}
 STRIP_BYTES = 256 * 1024
 WINDOW = 32 * 1024
-IDAT_BYTES = 1 << 20
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 _pool: ThreadPoolExecutor | None = None
@@ -42,11 +41,15 @@ def png_bytes(image: Image.Image, level: int = 1, text: dict[str, str] | None = 
     channels = len(image.mode)
     rows = np.ascontiguousarray(np.asarray(image)).reshape(image.height, image.width * channels)
     header = struct.pack(">IIBBBBB", image.width, image.height, 8, COLOUR_TYPES[image.mode], 0, 0, 0)
-    stream = memoryview(b"".join(_zlib_stream(rows, channels, level)))
+    zlib_header, *strips, checksum = _zlib_stream(rows, channels, level)
+    del rows   # the pixels' copy goes before the file is joined: peak memory about 2 x the image
+    # one IDAT per deflated strip (a reader joins them), with zlib's header and checksum at the ends
+    strips[0] = zlib_header + strips[0]
+    strips[-1] = strips[-1] + checksum
     parts = [SIGNATURE, _chunk(b"IHDR", header)]
     parts += [_text_chunk(key, value) for key, value in (text or {}).items()]
-    for at in range(0, len(stream), IDAT_BYTES):
-        parts += _chunk_parts(b"IDAT", stream[at:at + IDAT_BYTES])
+    for strip in strips:
+        parts += _chunk_parts(b"IDAT", strip)
     parts.append(_chunk(b"IEND", b""))
     return b"".join(parts)
 
