@@ -10,7 +10,7 @@ operator and are switched off.
 from __future__ import annotations
 
 import atexit
-import importlib
+import importlib.abc
 import json
 import logging
 import os
@@ -77,18 +77,58 @@ class _LibraryNoise(logging.Filter):
         return True
 
 
+def _route_library_logger(library) -> None:
+    library.disable_default_handler()
+    library.enable_propagation()
+    library.disable_progress_bar()
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Calls `hooks[name](module)` right after module `name` first runs, so that configuring a
+    library does not import it: importing diffusers pulls in torch._dynamo and sympy, transformers
+    its own seconds, and a generator never needs transformers at all."""
+
+    def __init__(self, hooks: dict):
+        self.hooks = hooks
+
+    def find_spec(self, name, path, target=None):
+        if name not in self.hooks:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        hook, run = self.hooks.pop(name), spec.loader.exec_module
+        if not self.hooks:
+            sys.meta_path.remove(self)
+
+        def exec_module(module):
+            run(module)
+            hook(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
 def _route_library_loggers() -> None:
     """transformers and diffusers log through handlers of their own and draw tqdm bars:
-    send their records to the root logger instead, without bars."""
+    send their records to the root logger instead, without bars, once each is imported."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name in ("transformers", "diffusers"):
-        try:
-            library = importlib.import_module(f"{name}.utils.logging")
-        except ImportError:
-            continue
-        library.disable_default_handler()
-        library.enable_propagation()
-        library.disable_progress_bar()
+    hooks = {}
+    for name in ("transformers.utils.logging", "diffusers.utils.logging"):
+        if name in sys.modules:
+            _route_library_logger(sys.modules[name])
+        else:
+            hooks[name] = _route_library_logger
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _AfterImport)]
+    if hooks:
+        sys.meta_path.insert(0, _AfterImport(hooks))
 
 
 def _capture_descriptors(emit_to: int) -> None:
