@@ -50,10 +50,15 @@ def _make_model(args, **kwargs):
     from qwen2vl_flux.client.modes import Mode
 
     from .compile_cache import CompileCache, cache_fields
-    from .pipeline import FluxGenerator, SpeedOptions
+    from .pipeline import FluxGenerator, SpeedOptions, import_diffusers
 
     start = time.perf_counter()
+    import_diffusers()
+    imports = time.perf_counter() - start
+    log_event("libraries imported", seconds=round(imports, 2))
+    start = time.perf_counter()
     generator = FluxGenerator(args.checkpoints, random_weights=args.random_weights, **kwargs)
+    generator.startup["imports"] = imports
     generator.startup["weights"] = time.perf_counter() - start
     log_event("weights loaded", seconds=round(generator.startup["weights"], 2), device=str(generator.device),
               random_weights=bool(args.random_weights))

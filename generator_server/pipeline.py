@@ -203,6 +203,14 @@ def shifted_sigmas(steps: int, image_seq_len: int, config) -> np.ndarray:
     return np.exp(mu) / (np.exp(mu) + (1.0 / sigmas - 1.0))
 
 
+def import_diffusers() -> None:
+    """Import diffusers' classes that the generator uses. It takes seconds (diffusers pulls in
+    torch._dynamo, sympy, and transformers' quantizer configs), so a start times it apart from
+    building the weights."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: F401
+    from diffusers.image_processor import VaeImageProcessor  # noqa: F401
+
+
 class FluxGenerator:
     def __init__(self, checkpoints: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  random_weights: str | None = None):

@@ -228,7 +228,7 @@ def test_generator_starts_and_serves_with_a_corrupt_compile_cache(tiny_checkpoin
         with grpc.insecure_channel(server.address) as channel:
             startup = pb_grpc.GeneratorStub(channel).GetInfo(pb.GetInfoRequest(), timeout=60).startup
         assert startup.compile_cache == "ignored" and "checksum" in startup.compile_cache_detail
-        assert startup.compiled and startup.phase_seconds["weights"] > 0
+        assert startup.compiled and startup.phase_seconds["weights"] > 0 and startup.phase_seconds["imports"] > 0
     finally:
         server.stop()
     lines = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
