@@ -1,6 +1,6 @@
 """Per-step probe of the generator's speed options on one GPU, full-size random weights.
 
-  python bench/probe.py --out DIR [--sections peak,attention,step,vae,png,shapes,startup] [--budget 540]
+  python bench/probe.py --out DIR [--sections peak,attention,step,vae,png,shapes,startup,restart] [--budget 540]
 
 Times one FLUX.1-dev transformer call at 1024x1024 (4096 image + 768 text tokens) for each
 option (eager, regional compile, fused QKV, Inductor flags, fp8 row/tensor-wise), with its
@@ -323,44 +323,55 @@ def shapes(out: Path, checkpoints: str) -> None:
              profile=first_call_profile(lambda: vae.encode(x).latent_dist.mode()))
 
 
+def _generator_start(out: Path, name: str, checkpoints: str, *server_flags: str, python_flags: tuple = (),
+                     sampled: bool = False) -> tuple[dict, str]:
+    """Start a generator, wait for SERVING (or 240 s), stop it; its first log line of each kind,
+    the seconds from spawn to the port bound, and the log. `sampled` runs it under
+    bench/stack_sampler.py, whose samples land in OUT/NAME.jsonl.gz."""
+    import subprocess
+    import sys
+
+    log = out / f"{name}.log"
+    wrapper = [str(Path(__file__).with_name("stack_sampler.py")), str(out / f"{name}.jsonl.gz")] if sampled else []
+    began = time.time()
+    with log.open("w") as err:
+        process = subprocess.Popen(
+            [sys.executable, *python_flags, *wrapper, "-m", "qwen2vl_flux.generator_server", "--checkpoints",
+             checkpoints, "--random-weights", "full", "--device", "cuda:0", "--port", "0", *server_flags],
+            stderr=err, stdout=subprocess.DEVNULL)
+        events: dict = {}
+        try:
+            while "serving" not in events and process.poll() is None and time.time() - began < 240:
+                time.sleep(0.2)
+                for line in log.read_text(errors="replace").splitlines():
+                    if line.startswith("{") and '"msg"' in line:
+                        event = json.loads(line)
+                        events.setdefault(event["msg"], event)
+        finally:
+            process.terminate()
+            process.wait(60)
+    text = log.read_text(errors="replace")
+    marks = {"spawn_to_listening": events.get("listening", {}).get("ts", began) - began}
+    if "serving" in events:
+        marks["spawn_to_serving"] = events["serving"]["ts"] - began
+    if "weights loaded" in events:
+        weights = events["weights loaded"]
+        marks["listening_to_weights_start"] = weights["ts"] - weights["seconds"] - events["listening"]["ts"]
+        marks["weights"] = weights["seconds"]
+    marks["phases"] = {k: v.get("seconds") for k, v in events.items() if "seconds" in v}
+    return marks, text
+
+
 def startup(out: Path, checkpoints: str) -> None:
     """Where a generator process's time goes before its weights: spawn to the port bound
     ("listening"), then to the start of the weights, with Python's import times summed by top-level
     package (-X importtime, a second start so that its overhead does not count in the first)."""
     import re
-    import subprocess
-    import sys
 
-    def start(*python_flags: str) -> tuple[dict, str]:
-        log = out / f"startup{''.join(python_flags)}.log"
-        began = time.time()
-        with log.open("w") as err:
-            process = subprocess.Popen(
-                [sys.executable, *python_flags, "-m", "qwen2vl_flux.generator_server", "--checkpoints", checkpoints,
-                 "--random-weights", "full", "--device", "cuda:0", "--port", "0", "--no-compile"],
-                stderr=err, stdout=subprocess.DEVNULL)
-            events: dict = {}
-            try:
-                while "serving" not in events and process.poll() is None and time.time() - began < 240:
-                    time.sleep(0.2)
-                    for line in log.read_text(errors="replace").splitlines():
-                        if line.startswith("{") and '"msg"' in line:
-                            event = json.loads(line)
-                            events.setdefault(event["msg"], event)
-            finally:
-                process.terminate()
-                process.wait(60)
-        text = log.read_text(errors="replace")
-        marks = {"spawn_to_listening": events.get("listening", {}).get("ts", began) - began}
-        if "weights loaded" in events:
-            weights = events["weights loaded"]
-            marks["listening_to_weights_start"] = weights["ts"] - weights["seconds"] - events["listening"]["ts"]
-            marks["weights"] = weights["seconds"]
-        return marks, text
-
-    marks, _ = start()
+    marks, _ = _generator_start(out, "startup", checkpoints, "--no-compile")
     emit(out, section="startup", run="plain", **marks)
-    marks, text = start("-X", "importtime")
+    marks, text = _generator_start(out, "startup-importtime", checkpoints, "--no-compile",
+                                   python_flags=("-X", "importtime"))
     by_package: dict[str, float] = {}
     for self_us, name in re.findall(r"import time:\s+(\d+) \|\s+\d+ \|\s*([\w.]+)", text):
         top = name.split(".")[0]
@@ -368,6 +379,21 @@ def startup(out: Path, checkpoints: str) -> None:
     top = dict(sorted(by_package.items(), key=lambda kv: -kv[1])[:12])
     emit(out, section="startup", run="importtime", **marks, imports_total=sum(by_package.values()),
          imports_by_package={k: round(v, 2) for k, v in top.items()})
+
+
+def restart(out: Path, checkpoints: str) -> None:
+    """A compiled generator's warm start: one cold start fills a compile cache, then one warm start
+    as it is and one under the stack sampler (OUT/restart-warm-sampled.jsonl.gz; it slows the start)."""
+    import shutil
+
+    cache = Path("/tmp/probe-restart-cache")
+    shutil.rmtree(cache, ignore_errors=True)
+    flags = ("--compile", "--compile-cache", str(cache))
+    marks, _ = _generator_start(out, "restart-cold", checkpoints, *flags)
+    emit(out, section="restart", run="cold", **marks)
+    for name, sampled in (("restart-warm", False), ("restart-warm-sampled", True)):
+        marks, _ = _generator_start(out, name, checkpoints, *flags, sampled=sampled)
+        emit(out, section="restart", run=name, **marks)
 
 
 def main() -> None:
@@ -386,8 +412,8 @@ def main() -> None:
             emit(out, section=section, skipped="budget")
             continue
         try:
-            if section in ("shapes", "startup"):
-                {"shapes": shapes, "startup": startup}[section](out, args.checkpoints)
+            if section in ("shapes", "startup", "restart"):
+                {"shapes": shapes, "startup": startup, "restart": restart}[section](out, args.checkpoints)
             elif section == "step":
                 step(out, args.budget, args.variants.split(","))
             else:
