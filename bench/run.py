@@ -19,6 +19,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import platform
 import re
 import shutil
@@ -228,6 +229,26 @@ def _last_phase(log: Path) -> str:
     return phases[-1][len("phase "):] if phases else "none reported"
 
 
+def bytecode_cache(folder: str = "/tmp/bench-pycache") -> str:
+    """Give the servers compiled bytecode, as a container has it (pip writes it at install).
+    The GPU machine's image sets PYTHONDONTWRITEBYTECODE and ships torch without bytecode, so
+    every process there compiled torch, sympy and diffusers from source: 4-7 s of each start.
+    Children get a bytecode cache of their own instead, filled once here before anything is
+    timed; what was done goes into results.json's environment."""
+    if not os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        return "as installed"
+    os.environ.pop("PYTHONDONTWRITEBYTECODE")
+    os.environ.setdefault("PYTHONPYCACHEPREFIX", folder)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch._inductor.compile_fx, grpc; "
+                    "from transformers import AutoTokenizer, CLIPTextModel, Qwen2VLModel, T5EncoderModel; "
+                    "import qwen2vl_flux.generator_server.__main__, qwen2vl_flux.encoder_server.__main__; "
+                    "from qwen2vl_flux.generator_server.pipeline import import_diffusers; import_diffusers()"],
+                   check=True)
+    return (f"PYTHONDONTWRITEBYTECODE was set: children use PYTHONPYCACHEPREFIX={os.environ['PYTHONPYCACHEPREFIX']}, "
+            f"filled in {time.perf_counter() - start:.1f} s before the rows")
+
+
 def environment() -> dict:
     import diffusers
     import grpc
@@ -322,10 +343,10 @@ def table(results: dict, command: str) -> str:
     if any(k in restart for k in ("default", "turbo")):
         lines += ["", "Generator start-up (to SERVING, warm-up included; weights built apart), and the first "
                   "request after it:", "",
-                  "| generator | start | to SERVING (s) | process start (s) | weights (s) | warm-up (s) "
+                  "| generator | start | to SERVING (s) | process start (s) | imports (s) | weights (s) | warm-up (s) "
                   "| of which torch.compile (s) | graphs | cache | first request (s) | warm request (s) "
                   "| worst first/warm of the other shapes (8 steps): end to end; generator alone |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for key in ("default", "turbo"):
             for phase in ("cold", "warm"):
                 entry = restart.get(key, {}).get(phase)
@@ -345,7 +366,8 @@ def table(results: dict, command: str) -> str:
                 if compiled is None and "AOTAutogradCache.inductor_load" in timers:   # precompiled: loaded
                     compiled = f"none traced; {timers['AOTAutogradCache.inductor_load']:.1f} loading kernels"
                 graphs = sum(run["graphs"] for run in entry.get("warm_up_runs", {}).values())
-                lines.append(f"| {key} | {phase} | {entry['serving']:.1f} | {process:.1f} | {p.get('weights', 0):.1f} "
+                imports = f"{p['imports']:.1f}" if "imports" in p else "in weights"
+                lines.append(f"| {key} | {phase} | {entry['serving']:.1f} | {process:.1f} | {imports} | {p.get('weights', 0):.1f} "
                              f"| {p.get('warm_up', 0):.1f} | {'' if compiled is None else compiled if isinstance(compiled, str) else f'{compiled:.1f}'} "
                              f"| {graphs} | {entry['compile_cache']} | {first:.2f} | {warm:.2f} | {worst_text} |")
     return "\n".join(lines) + "\n"
@@ -386,7 +408,8 @@ def main() -> None:
         print(json.dumps({row: results["rows"][row]}), flush=True)
 
     if args.checkpoints:
-        results["environment"] = environment()
+        bytecode = bytecode_cache()
+        results["environment"] = dict(environment(), bytecode=bytecode)
         # In the order given; consecutive service rows share one encoder.
         for is_service, group in itertools.groupby(args.rows.split(","), key=lambda r: r in ROWS):
             group = list(group)
