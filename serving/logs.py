@@ -83,19 +83,45 @@ def _route_library_logger(library) -> None:
     library.disable_progress_bar()
 
 
+class _HookedLoader(importlib.abc.Loader):
+    """Wraps one module's loader so that `hook(module)` runs right after the module does; every
+    other loader method is the wrapped one's. A wrapper, not a patch of the loader itself, since
+    some loaders (zip imports, finders that return themselves) serve many modules."""
+
+    def __init__(self, loader, hook):
+        self._loader, self._hook = loader, hook
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        try:
+            self._hook(module)
+        except Exception:  # noqa: BLE001 - a library's changed logging API must not break its import
+            logging.getLogger("qwen2vl_flux").warning("could not route %s into our logs", module.__name__,
+                                                      exc_info=True)
+
+
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Calls `hooks[name](module)` right after module `name` first runs, so that configuring a
-    library does not import it: importing diffusers pulls in torch._dynamo and sympy, transformers
-    its own seconds, and a generator never needs transformers at all."""
+    """Runs `hooks[name](module)` right after module `name` first runs, so that configuring a
+    library does not import it: diffusers pulls in torch._dynamo and sympy, and the generator
+    meets transformers only through diffusers, after its port is bound. It stays in
+    `sys.meta_path` once its hooks are spent (a dict lookup an import): taking it out while
+    another thread's import walks the list would skip the finder after it."""
 
     def __init__(self, hooks: dict):
-        self.hooks = hooks
+        self.hooks = dict(hooks)
 
     def find_spec(self, name, path, target=None):
-        if name not in self.hooks:
+        hook = self.hooks.get(name)
+        if hook is None:
             return None
         for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
+            if isinstance(finder, _AfterImport) or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(name, path, target)
             if spec is not None:
@@ -104,15 +130,12 @@ class _AfterImport(importlib.abc.MetaPathFinder):
             return None
         if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        hook, run = self.hooks.pop(name), spec.loader.exec_module
-        if not self.hooks:
-            sys.meta_path.remove(self)
 
-        def exec_module(module):
-            run(module)
-            hook(module)
+        def once(module):
+            if self.hooks.pop(name, None) is not None:
+                hook(module)
 
-        spec.loader.exec_module = exec_module
+        spec.loader = _HookedLoader(spec.loader, once)
         return spec
 
 
@@ -126,9 +149,9 @@ def _route_library_loggers() -> None:
             _route_library_logger(sys.modules[name])
         else:
             hooks[name] = _route_library_logger
-    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _AfterImport)]
-    if hooks:
-        sys.meta_path.insert(0, _AfterImport(hooks))
+    # A new list, not an edit in place: an import under way in another thread keeps the old one.
+    finders = [finder for finder in sys.meta_path if not isinstance(finder, _AfterImport)]
+    sys.meta_path = [_AfterImport(hooks), *finders] if hooks else finders
 
 
 def _capture_descriptors(emit_to: int) -> None:
