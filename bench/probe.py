@@ -357,6 +357,8 @@ def _generator_start(out: Path, name: str, checkpoints: str, *server_flags: str,
     if "weights loaded" in events:
         weights = events["weights loaded"]
         marks["listening_to_weights_start"] = weights["ts"] - weights["seconds"] - events["listening"]["ts"]
+        if "libraries imported" in events:      # the imports phase, when the server times it apart
+            marks["imports"] = events["libraries imported"]["seconds"]
         marks["weights"] = weights["seconds"]
     marks["phases"] = {k: v.get("seconds") for k, v in events.items() if "seconds" in v}
     return marks, text
@@ -364,8 +366,9 @@ def _generator_start(out: Path, name: str, checkpoints: str, *server_flags: str,
 
 def startup(out: Path, checkpoints: str) -> None:
     """Where a generator process's time goes before its weights: spawn to the port bound
-    ("listening"), then to the start of the weights, with Python's import times summed by top-level
-    package (-X importtime, a second start so that its overhead does not count in the first)."""
+    ("listening"), then to the start of the weights (the imports phase included), with Python's
+    import times summed by top-level package (-X importtime, a second start so that its overhead
+    does not count in the first)."""
     import re
 
     marks, _ = _generator_start(out, "startup", checkpoints, "--no-compile")

@@ -60,6 +60,7 @@ class Sampler(threading.Thread):
 
     def write(self) -> None:
         self._done.set()
+        self.join()
         with gzip.open(self.out, "wt") as f:
             f.write(json.dumps({"began": self.began, "stacks": [list(s) for s in self.stacks]}) + "\n")
             for t, dt, thread, sid in list(self.samples):
@@ -102,7 +103,7 @@ def main() -> None:
     atexit.register(sampler.write)
     sampler.start()
     sys.argv = [module, *rest]
-    sys.path.insert(0, os.getcwd())
+    sys.path[0] = os.getcwd()   # as `python -m` has it, not this script's folder
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 

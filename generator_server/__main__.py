@@ -46,13 +46,13 @@ def _add_servicer(server, host, args):
 
 
 def _make_model(args, **kwargs):
-    """Weights, speed options, compile cache, warm-up: each phase is a log line with its duration."""
+    """Imports, weights, speed options, compile cache, warm-up: each phase is a log line with its duration."""
+    start = time.perf_counter()
     from qwen2vl_flux.client.modes import Mode
 
     from .compile_cache import CompileCache, cache_fields
     from .pipeline import FluxGenerator, SpeedOptions, import_diffusers
 
-    start = time.perf_counter()
     import_diffusers()
     imports = time.perf_counter() - start
     log_event("libraries imported", seconds=round(imports, 2))
