@@ -357,8 +357,6 @@ def _generator_start(out: Path, name: str, checkpoints: str, *server_flags: str,
     if "weights loaded" in events:
         weights = events["weights loaded"]
         marks["listening_to_weights_start"] = weights["ts"] - weights["seconds"] - events["listening"]["ts"]
-        if "libraries imported" in events:      # the imports phase, when the server times it apart
-            marks["imports"] = events["libraries imported"]["seconds"]
         marks["weights"] = weights["seconds"]
     marks["phases"] = {k: v.get("seconds") for k, v in events.items() if "seconds" in v}
     return marks, text

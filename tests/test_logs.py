@@ -1,6 +1,6 @@
 """Server logging: the libraries' loggers are routed into ours when they are first imported,
-and setting that up imports neither (the generator never needs transformers; diffusers pulls in
-torch._dynamo and sympy, seconds of a start better spent after the port is bound)."""
+and setting that up imports neither (diffusers pulls in torch._dynamo, sympy and transformers:
+seconds of a start better spent after the port is bound)."""
 from __future__ import annotations
 
 import json
