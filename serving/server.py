@@ -243,6 +243,7 @@ class ModelHost:
         self.draining = False
         self.active = 0            # RPC handlers in flight (drain waits for them)
         self.waiting = 0
+        self.admitted = 0          # waiting, plus the one holding the model until it lets go
         self._turn = asyncio.Lock()  # FIFO: waiters are woken in arrival order
         self._running = None         # the model thread's current job (concurrent future)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=thread_init)
@@ -262,14 +263,15 @@ class ModelHost:
         let go: a cancelled caller's job is told to stop (`Turn.stop`) and keeps the slot
         until it does, so the queue and its metrics stay true."""
         self.require()
-        # Admitted requests may not hold the lock yet (it is taken after `prepare`): count
-        # them all, so a burst on an idle server is bounded too.
-        if self.waiting >= self.max_queue + (0 if self._turn.locked() else 1):
+        # Count every admitted request, whether it holds the model or not: one may hold the lock
+        # while its `prepare` still runs, and a burst on an idle server is bounded too.
+        if self.admitted >= self.max_queue + 1:
             if self.metrics is not None:
                 self.metrics.rejected.labels(self.role, "queue_full").inc()
             raise QueueFull(f"{self.role} is busy: {self.waiting} requests already wait (--max-queue "
                             f"{self.max_queue}); retry later or add replicas")
         self.waiting += 1
+        self.admitted += 1
         self._gauge()
         start = time.perf_counter()
         turn = Turn()
@@ -285,9 +287,9 @@ class ModelHost:
                 self._turn.release()
             if preparing is not None and not preparing.done():
                 # A decode cannot be interrupted: it stays counted as queued until it ends.
-                preparing.add_done_callback(lambda f: (f.cancelled() or f.exception(), self._leave_queue()))
+                preparing.add_done_callback(lambda f: (f.cancelled() or f.exception(), self._abandon()))
                 raise
-            self._leave_queue()
+            self._abandon()
             raise
         self._leave_queue()
         if self.metrics is not None:
@@ -308,7 +310,13 @@ class ModelHost:
         self.waiting -= 1
         self._gauge()
 
+    def _abandon(self) -> None:
+        """A request that leaves without its turn."""
+        self._leave_queue()
+        self.admitted -= 1
+
     def _release(self) -> None:
+        self.admitted -= 1
         self._running = None
         self._turn.release()
         if self.metrics is not None:
