@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import container_site
 from qwen2vl_flux.client import Client
 from qwen2vl_flux.client.launch import ServerProcess
 
@@ -55,6 +56,8 @@ FIRST_AFTER_START = [("variation", {"aspect_ratio": r}) for r in ("1:1", "16:9",
     ("img2img", {"size": (1000, 700)}), ("inpaint", {"size": (700, 1000)})]
 PEAK_BF16 = 782e12   # measured 8192^3 bf16 matmul on the H200 (bench/probe.py)
 STEP_TFLOP = 94.2e12  # one FLUX.1-dev call at 4096 image + 512 text tokens (bench/probe.py counts 100.3 at 768)
+# the interpreter and environment changes the servers run with (main: --server-env)
+SERVERS: dict = {"python": sys.executable, "env": {}}
 
 
 def _port() -> int:
@@ -126,17 +129,23 @@ def _first_requests(client: Client) -> dict:
     return out
 
 
+def _server(role: str, checkpoints: str, *args: str, log: str) -> ServerProcess:
+    """A server in the environment `main` chose (SERVERS)."""
+    return ServerProcess(role, checkpoints, *args, log_path=log, python=SERVERS["python"], env=dict(SERVERS["env"]))
+
+
 def _generator(checkpoints: str, flags: list[str], cache: Path, port: int, log: str) -> ServerProcess:
     args = ["--random-weights", "full", "--device", "cuda:0", "--metrics-port", str(port),
             "--warm-up", "variation,img2img,inpaint", "--compile-cache", str(cache), *flags]
-    return ServerProcess("generator", checkpoints, *args, log_path=log)
+    return _server("generator", checkpoints, *args, log=log)
 
 
 def _started(server: ServerProcess, client: Client) -> dict:
     """Start to SERVING as in a fresh container: torch's and Triton's local caches are empty
     (a container's /tmp), so only --compile-cache carries compiled kernels over."""
     local = Path(tempfile.mkdtemp(prefix="bench-local-cache-"))
-    server.env = {"TORCHINDUCTOR_CACHE_DIR": str(local / "inductor"), "TRITON_CACHE_DIR": str(local / "triton")}
+    server.env = dict(server.env or {}, TORCHINDUCTOR_CACHE_DIR=str(local / "inductor"),
+                      TRITON_CACHE_DIR=str(local / "triton"))
     log = Path(server.log_path)
     offset = log.stat().st_size if log.exists() else 0
     start = time.perf_counter()
@@ -158,8 +167,8 @@ def _started(server: ServerProcess, client: Client) -> dict:
 def measure_services(checkpoints: str, rows: list[str], runs: int, images: Path | None, results: dict,
                      save, restarts: bool = True) -> None:
     """Rows b1, c1, c1_cache and restart on one GPU: one encoder serves them all."""
-    encoder = ServerProcess("encoder", checkpoints, "--random-weights", "full", "--device", "cuda:0",
-                            log_path="/tmp/bench-encoder.log")
+    encoder = _server("encoder", checkpoints, "--random-weights", "full", "--device", "cuda:0",
+                      log="/tmp/bench-encoder.log")
     encoder.start().wait_serving(timeout=900)
     # The encoder's own first call (CUDA and cuDNN set-up) is not the generator's start-up to measure.
     Client(encoder.address, encoder.address, timeout=900).encode(PICTURE, prompt=PROMPT)
@@ -240,11 +249,12 @@ def bytecode_cache(folder: str = "/tmp/bench-pycache") -> str:
     os.environ.pop("PYTHONDONTWRITEBYTECODE")
     os.environ.setdefault("PYTHONPYCACHEPREFIX", folder)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch._inductor.compile_fx, grpc; "
+    env = {k: v for k, v in dict(os.environ, **SERVERS["env"]).items() if v is not None}
+    subprocess.run([SERVERS["python"], "-c", "import torch._inductor.compile_fx, grpc; "
                     "from transformers import AutoTokenizer, CLIPTextModel, Qwen2VLModel, T5EncoderModel; "
                     "import qwen2vl_flux.generator_server.__main__, qwen2vl_flux.encoder_server.__main__; "
                     "from qwen2vl_flux.generator_server.pipeline import import_diffusers; import_diffusers()"],
-                   check=True)
+                   check=True, env=env)
     return (f"PYTHONDONTWRITEBYTECODE was set: children use PYTHONPYCACHEPREFIX={os.environ['PYTHONPYCACHEPREFIX']}, "
             f"filled in {time.perf_counter() - start:.1f} s before the rows")
 
@@ -394,6 +404,9 @@ def main() -> None:
     parser.add_argument("--restarts", action=argparse.BooleanOptionalAction, default=True,
                         help="after b1 and c1, restart their generator warm and time the first requests")
     parser.add_argument("--step-cache", default=STEP_CACHE, help="the fixed step cache of row c1_cache")
+    parser.add_argument("--server-env", choices=("container", "as-is"), default="container",
+                        help="container: the servers run in a virtual environment of only what their image "
+                             "installs (bench/container_site.py); as-is: in this Python's")
     parser.add_argument("--command", default="python bench/run.py --checkpoints TINY --rows ROWS --json R")
     args = parser.parse_args()
     ROWS["c1_cache"] = (["--turbo", "--step-cache", args.step_cache], None)
@@ -408,8 +421,12 @@ def main() -> None:
         print(json.dumps({row: results["rows"][row]}), flush=True)
 
     if args.checkpoints:
+        servers = "servers ran in this Python's environment"
+        if args.server_env == "container":
+            SERVERS["python"], servers = container_site.build()
+            SERVERS["env"] = {"PYTHONPATH": None}   # the carried wheels are linked in, nothing else
         bytecode = bytecode_cache()
-        results["environment"] = dict(environment(), bytecode=bytecode)
+        results["environment"] = dict(environment(), bytecode=bytecode, servers=servers)
         # In the order given; consecutive service rows share one encoder.
         for is_service, group in itertools.groupby(args.rows.split(","), key=lambda r: r in ROWS):
             group = list(group)

@@ -24,9 +24,10 @@ class ServerFailed(RuntimeError):
 class ServerProcess:
     def __init__(self, role: str, checkpoints: str | Path, *extra_args: str, log_path: str | Path | None = None,
                  env: dict | None = None, host: str = "127.0.0.1", port: int | None = None,
-                 inherit_output: bool = False):
+                 inherit_output: bool = False, python: str | None = None):
         """`port` None picks a free one; `inherit_output` writes the server's logs to this
-        process's terminal instead of `log_path`."""
+        process's terminal instead of `log_path`; `python` runs it with another interpreter
+        (a virtual environment's); an `env` value of None unsets that variable."""
         if role not in ("encoder", "generator"):
             raise ValueError(f"role must be encoder or generator, got {role!r}")
         self.role, self.checkpoints, self.extra_args = role, str(checkpoints), list(extra_args)
@@ -35,6 +36,7 @@ class ServerProcess:
         self.log_path = Path(log_path) if log_path else Path(self._dir) / "server.log"
         self.env = env
         self.host, self.inherit_output = host, inherit_output
+        self.python = python or sys.executable
         self.process: subprocess.Popen | None = None
         self.port: int | None = port
         self._bound = False
@@ -51,10 +53,10 @@ class ServerProcess:
         """Start the process; a restart keeps the port it had, so clients find it again."""
         self.port_file.unlink(missing_ok=True)
         self._bound = False
-        args = [sys.executable, "-m", f"qwen2vl_flux.{self.role}_server", "--checkpoints", self.checkpoints,
+        args = [self.python, "-m", f"qwen2vl_flux.{self.role}_server", "--checkpoints", self.checkpoints,
                 "--host", self.host, "--port", str(self.port or 0), "--port-file", str(self.port_file),
                 *self.extra_args]
-        env = dict(os.environ, **(self.env or {}))
+        env = {k: v for k, v in dict(os.environ, **(self.env or {})).items() if v is not None}
         if self.inherit_output:
             self.process = subprocess.Popen(args, env=env)
             return self
