@@ -1,6 +1,6 @@
 """Per-step probe of the generator's speed options on one GPU, full-size random weights.
 
-  python bench/probe.py --out DIR [--sections peak,attention,step,vae,png,shapes,startup,restart] [--budget 540]
+  python bench/probe.py --out DIR [--sections peak,attention,step,vae,png,shapes,startup,restart,first_request] [--budget 540]
 
 Times one FLUX.1-dev transformer call at 1024x1024 (4096 image + 768 text tokens) for each
 option (eager, regional compile, fused QKV, Inductor flags, fp8 row/tensor-wise), with its
@@ -262,17 +262,22 @@ def torchao_fp8(out: Path) -> None:
 
 
 def first_call_profile(fn) -> dict:
-    """Profile a first call and the next one; the ops whose host time grew the most."""
+    """Profile a first call and the next one; the ops whose host time, and whose GPU time,
+    grew the most."""
     def profiled():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             seconds = once(fn)
-        return seconds, {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()}
+        return seconds, {e.key: (e.self_cpu_time_total, e.count, e.self_device_time_total)
+                         for e in prof.key_averages()}
     first, ops_first = profiled()
     second, ops_next = profiled()
-    grown = sorted(((ops_first[k][0] - ops_next.get(k, (0, 0))[0]) / 1000, k, ops_first[k][1]) for k in ops_first)
-    return {"first": first, "next": second,
-            "grown_ms": [(k, round(ms, 2), n) for ms, k, n in grown[::-1][:12]]}
+
+    def grown(index: int) -> list:
+        rows = sorted(((ops_first[k][index] - ops_next.get(k, (0, 0, 0))[index]) / 1000, k, ops_first[k][1])
+                      for k in ops_first)
+        return [(k, round(ms, 2), n) for ms, k, n in rows[::-1][:12]]
+    return {"first": first, "next": second, "grown_ms": grown(0), "gpu_grown_ms": grown(2)}
 
 
 def shapes(out: Path, checkpoints: str) -> None:
@@ -321,6 +326,45 @@ def shapes(out: Path, checkpoints: str) -> None:
         x = torch.randn(1, 3, 880, 1200, device="cuda", dtype=torch.bfloat16)
         emit(out, section="shapes", model="vae_encode", size=(1200, 880),
              profile=first_call_profile(lambda: vae.encode(x).latent_dist.mode()))
+
+
+def first_request(out: Path, checkpoints: str) -> None:
+    """What the compiled generator pays for the first request at an image size or a text length
+    it has not met (img2img at a new size, whose picture also changes the text length, is the
+    restart table's closest case): its phases (prepare, denoise, decode) first and next, and a
+    profile of each first call."""
+    from PIL import Image
+
+    from qwen2vl_flux.client.modes import Mode, resolve_parameters
+    from qwen2vl_flux.generator_server.pipeline import Conditioning, FluxGenerator, GenerationJob, SpeedOptions
+
+    generator = FluxGenerator(checkpoints, device="cuda", dtype=torch.bfloat16, random_weights="full")
+    generator.optimize(SpeedOptions(compile=True, attention="_native_cudnn"))
+    start = time.perf_counter()
+    generator.warm_up([Mode.VARIATION, Mode.IMG2IMG, Mode.INPAINT])
+    emit(out, section="first_request", warm_up=time.perf_counter() - start)
+    cfg = generator.fingerprint
+
+    def conditioning(text: int) -> Conditioning:
+        return Conditioning({"a": torch.randn(1, text, cfg.joint_attention_dim, device="cuda", dtype=torch.bfloat16)},
+                            None, torch.randn(1, cfg.pooled_dim, device="cuda", dtype=torch.bfloat16))
+    # (mode, init image size, parameters, text tokens): the warm-up met 512 text tokens only
+    cases = [("img2img", (1000, 700), {}, 512), ("img2img", (1000, 700), {}, 523), ("inpaint", (700, 1000), {}, 512),
+             ("variation", None, {"aspect_ratio": "16:9"}, 512), ("variation", None, {"aspect_ratio": "1:1"}, 531),
+             ("img2img", (1200, 880), {}, 547)]
+    for name, size, extra, text in cases:
+        mode, cond = Mode.parse(name), conditioning(text)
+        picture = Image.new("RGB", size or (1024, 1024), (90, 140, 200))
+        params, _ = resolve_parameters(mode, {"seed": 0, "steps": 8, **({"strength": 1.0} if size else {}), **extra})
+        jobs = []
+
+        def run():
+            job = GenerationJob(mode, params, cond, init_image=picture, mask=Image.new("L", picture.size, 255))
+            generator.generate(job)
+            jobs.append(job.timings)
+        profile = first_call_profile(run)
+        emit(out, section="first_request", mode=name, size=size or extra, text_tokens=text, **profile,
+             phases={"first": jobs[0], "next": jobs[1]})
 
 
 def _generator_start(out: Path, name: str, checkpoints: str, *server_flags: str, python_flags: tuple = (),
@@ -413,8 +457,9 @@ def main() -> None:
             emit(out, section=section, skipped="budget")
             continue
         try:
-            if section in ("shapes", "startup", "restart"):
-                {"shapes": shapes, "startup": startup, "restart": restart}[section](out, args.checkpoints)
+            if section in ("shapes", "startup", "restart", "first_request"):
+                {"shapes": shapes, "startup": startup, "restart": restart,
+                 "first_request": first_request}[section](out, args.checkpoints)
             elif section == "step":
                 step(out, args.budget, args.variants.split(","))
             else:
