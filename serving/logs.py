@@ -154,6 +154,9 @@ def _route_library_loggers() -> None:
     sys.meta_path = [_AfterImport(hooks), *finders] if hooks else finders
 
 
+_real_stderr: int | None = None   # a duplicate of the process's stderr, once 1 and 2 are captured
+
+
 def _capture_descriptors(emit_to: int) -> None:
     """Point descriptors 1 and 2 at a pipe and log each line written there. Records go
     to `emit_to` (a duplicate of the real stderr), so they never loop back."""
@@ -197,16 +200,23 @@ def setup_logging(role: str, level: str, log_format: str = "json") -> None:
     """Root logger to stderr in `log_format`; libraries and raw writes routed into it (JSON)."""
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
-    if log_format == "json":
+    global _real_stderr
+    if log_format == "json" and _real_stderr is None:
         sys.stdout.flush()
         sys.stderr.flush()
-        real_stderr = os.dup(2)
-        stream = os.fdopen(real_stderr, "w", buffering=1, encoding="utf-8", errors="replace")
-        _capture_descriptors(real_stderr)
+        _real_stderr = os.dup(2)
+        _capture_descriptors(_real_stderr)
+    if _real_stderr is not None:
+        # Once 1 and 2 feed the pipe, records must bypass it (or each would be read back as raw
+        # output and logged again, forever): every later set-up writes to the real stderr too.
+        stream = os.fdopen(os.dup(_real_stderr), "w", buffering=1, encoding="utf-8", errors="replace")
+    else:
+        stream = sys.stderr
+    if log_format == "json":
         formatter: logging.Formatter = JsonFormatter(role)
         sys.excepthook = _log_uncaught
     else:
-        stream, formatter = sys.stderr, TextFormatter(role)
+        formatter = TextFormatter(role)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     handler.addFilter(_LibraryNoise())

@@ -84,3 +84,26 @@ def test_hook_runs_once_for_its_module_only_and_its_failure_does_not_break_the_i
     finally:
         for name in [m for m in sys.modules if m.startswith("ziplib")]:
             del sys.modules[name]
+
+
+TWICE = """
+import os, sys, logging
+from qwen2vl_flux.serving.logs import setup_logging
+setup_logging("encoder", "info", "json")
+setup_logging("encoder", "info", sys.argv[1])
+logging.getLogger("qwen2vl_flux.x").warning("after the second set-up")
+os.write(2, b"raw line\\n")
+"""
+
+
+def test_setting_up_twice_logs_each_record_once():
+    """A second set-up (an embedding app, a test) must not feed its records back through the
+    captured descriptors: that looped forever."""
+    for second in ("json", "text"):
+        done = subprocess.run([sys.executable, "-c", TWICE, second], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        lines = done.stderr.splitlines()
+        assert sum("after the second set-up" in line for line in lines) == 1, done.stderr
+        assert sum("raw line" in line for line in lines) == 1, done.stderr
+        if second == "text":
+            assert not any(line.startswith("{") and "after the second" in line for line in lines)
