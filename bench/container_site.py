@@ -17,8 +17,10 @@ from pathlib import Path
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOTS = ("torch", "qwen2vl-flux[server]")
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def closure(roots=ROOTS) -> tuple[dict[str, metadata.Distribution], list[str]]:
@@ -32,8 +34,8 @@ def closure(roots=ROOTS) -> tuple[dict[str, metadata.Distribution], list[str]]:
         requirement, extra = todo.pop()
         if requirement.marker and not requirement.marker.evaluate(dict(default_environment(), extra=extra)):
             continue
-        name = requirement.name.lower().replace("_", "-")
-        for wanted in (requirement.extras or {""}) | {""}:
+        name = canonicalize_name(requirement.name)
+        for wanted in requirement.extras | {""}:
             if (name, wanted) in seen:
                 continue
             seen.add((name, wanted))
@@ -46,23 +48,35 @@ def closure(roots=ROOTS) -> tuple[dict[str, metadata.Distribution], list[str]]:
     return found, sorted(set(missing))
 
 
+def _metadata_folder(dist: metadata.Distribution) -> Path:
+    return Path(str(dist._path))  # noqa: SLF001 - importlib.metadata names it nowhere else
+
+
 def _installed(name: str) -> metadata.Distribution | None:
-    """The installed distribution, never the metadata a source checkout holds in the current
-    folder (this project's egg-info lists its sources, not what it installed)."""
-    here = Path.cwd().resolve()
-    path = [p for p in sys.path if p and Path(p).resolve() != here]
-    return next(iter(metadata.distributions(name=name, path=path)), None)
+    """The installed distribution, never metadata inside this checkout (this project's egg-info
+    lists its sources, not what it installed)."""
+    for dist in metadata.distributions(name=name, path=[p for p in sys.path if p]):
+        if not _metadata_folder(dist).resolve().is_relative_to(CHECKOUT):
+            return dist
+    return None
 
 
 def _top_level(dist: metadata.Distribution) -> set[str]:
-    """The entries a distribution puts in its site directory: the first part of each file it
-    installed (scripts, outside the site directory, left out)."""
-    if dist.files is not None:
+    """The entries a distribution puts in its site directory: the first part of each file its
+    RECORD lists (scripts, outside the site directory, left out). An egg-info install has no
+    RECORD (its `files` would be its sources): its top_level.txt names modules, as folders,
+    .py files or extensions."""
+    folder = _metadata_folder(dist)
+    if folder.suffix == ".dist-info" and dist.files is not None:
         return {file.parts[0] for file in dist.files if file.parts and file.parts[0] not in ("..", "__pycache__")}
-    names = (dist.read_text("top_level.txt") or "").split()
-    if not names:
-        raise RuntimeError(f"{dist.metadata['Name']}: no RECORD and no top_level.txt, so its files are unknown")
-    return set(names) | {Path(str(dist._path)).name}  # noqa: SLF001 - its metadata folder has no other name
+    entries = {folder.name}
+    for module in (dist.read_text("top_level.txt") or "").split():
+        entries |= {p.name for p in folder.parent.glob(f"{module}*")
+                    if p.name == module or p.suffix in (".py", ".so") and p.name.split(".")[0] == module}
+    if len(entries) == 1:
+        raise RuntimeError(f"{dist.metadata['Name']} ({folder}): which files it installed is unknown; "
+                           "run the bench with --server-env as-is")
+    return entries
 
 
 def _link(destination: Path, source: Path) -> None:
@@ -93,10 +107,13 @@ def build(folder: str | Path = "/tmp/bench-container-env") -> tuple[str, str]:
                                check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH="")
                                ).stdout.strip())
     found, missing = closure()
-    for dist in found.values():
-        for entry in sorted(_top_level(dist)):
-            source = Path(str(dist.locate_file(entry)))
-            if os.path.lexists(source):
-                _link(site / entry, source)
-    line = f"servers ran in a virtual environment of the {len(found)} distributions the server image installs"
-    return str(python), line + (f" (not installed here, so absent: {', '.join(missing)})" if missing else "")
+    for name, dist in found.items():
+        sources = [(entry, Path(str(dist.locate_file(entry)))) for entry in sorted(_top_level(dist))]
+        sources = [(entry, source) for entry, source in sources if os.path.lexists(source)]
+        if not sources:
+            raise RuntimeError(f"{name}: none of the files it lists exist; run the bench with --server-env as-is")
+        for entry, source in sources:
+            _link(site / entry, source)
+    line = (f"servers ran in a virtual environment of the distributions the server image installs, the {len(found)} "
+            "of them installed here")
+    return str(python), line + (f" (absent here, with what they need: {', '.join(missing)})" if missing else "")
