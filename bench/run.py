@@ -40,7 +40,7 @@ from PIL import Image
 
 import container_site
 from qwen2vl_flux.client import Client
-from qwen2vl_flux.client.launch import ServerProcess
+from qwen2vl_flux.client.launch import ServerProcess, child_environment
 
 PROMPT = "a photo of a red circle on a blue background"
 PICTURE = Image.new("RGB", (1024, 768), (90, 140, 200))
@@ -258,12 +258,11 @@ def bytecode_cache(folder: str = "/tmp/bench-pycache") -> str:
     os.environ.pop("PYTHONDONTWRITEBYTECODE")
     os.environ.setdefault("PYTHONPYCACHEPREFIX", folder)
     start = time.perf_counter()
-    env = {k: v for k, v in dict(os.environ, **SERVERS["env"]).items() if v is not None}
     subprocess.run([SERVERS["python"], "-c", "import torch._inductor.compile_fx, grpc; "
                     "from transformers import AutoTokenizer, CLIPTextModel, Qwen2VLModel, T5EncoderModel; "
                     "import qwen2vl_flux.generator_server.__main__, qwen2vl_flux.encoder_server.__main__; "
                     "from qwen2vl_flux.generator_server.pipeline import import_diffusers; import_diffusers()"],
-                   check=True, env=env)
+                   check=True, env=child_environment(SERVERS["env"]))
     return (f"PYTHONDONTWRITEBYTECODE was set: children use PYTHONPYCACHEPREFIX={os.environ['PYTHONPYCACHEPREFIX']}, "
             f"filled in {time.perf_counter() - start:.1f} s before the rows")
 

@@ -17,6 +17,11 @@ from pathlib import Path
 import grpc
 
 
+def child_environment(overrides: dict | None) -> dict:
+    """This process's environment with `overrides` applied; a value of None unsets that variable."""
+    return {k: v for k, v in dict(os.environ, **(overrides or {})).items() if v is not None}
+
+
 class ServerFailed(RuntimeError):
     """A server process exited or did not become SERVING in time."""
 
@@ -56,7 +61,7 @@ class ServerProcess:
         args = [self.python, "-m", f"qwen2vl_flux.{self.role}_server", "--checkpoints", self.checkpoints,
                 "--host", self.host, "--port", str(self.port or 0), "--port-file", str(self.port_file),
                 *self.extra_args]
-        env = {k: v for k, v in dict(os.environ, **(self.env or {})).items() if v is not None}
+        env = child_environment(self.env)
         if self.inherit_output:
             self.process = subprocess.Popen(args, env=env)
             return self

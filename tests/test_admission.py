@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 
-
 from qwen2vl_flux.serving.server import ModelHost, QueueFull
 
 
