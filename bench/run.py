@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 import container_site
+from flops import FLUX_DEV, transformer_step_flops
 from qwen2vl_flux.client import Client
 from qwen2vl_flux.client.launch import ServerProcess, child_environment
 
@@ -58,7 +59,8 @@ ROWS = {
 FIRST_AFTER_START = [("variation", {"aspect_ratio": r}) for r in ("1:1", "16:9", "9:16", "2.4:1", "3:4", "4:3")] + [
     ("img2img", {"size": (1000, 700)}), ("inpaint", {"size": (700, 1000)})]
 PEAK_BF16 = 782e12   # measured 8192^3 bf16 matmul on the H200 (bench/probe.py)
-STEP_TFLOP = 94.2e12  # one FLUX.1-dev call at 4096 image + 512 text tokens (bench/probe.py counts 100.3 at 768)
+# one FLUX.1-dev call at 4096 image + 512 text tokens (the picture's ~252 Qwen tokens and T5's 256): 74.4 TFLOP
+STEP_FLOPS = transformer_step_flops(FLUX_DEV, 4096, 512)["total"]
 # the interpreter and environment changes the servers run with (main: --server-env)
 SERVERS: dict = {"python": sys.executable, "env": {}}
 
@@ -314,7 +316,7 @@ def table(results: dict, command: str) -> str:
         f"{env['diffusers']}, transformers {env['transformers']}, grpcio {env['grpc']}, Python {env['python']}.",
         "Workload: variation, 1024x1024, 28 steps, with a prompt; full-size architectures with random weights, "
         "bf16; medians of the timed runs after one warm request. MFU: the transformer's matmul FLOPs per step "
-        f"({STEP_TFLOP / 1e12:.1f} TFLOP) over the measured step time, against the measured bf16 matmul peak "
+        f"({STEP_FLOPS / 1e12:.1f} TFLOP) over the measured step time, against the measured bf16 matmul peak "
         f"({PEAK_BF16 / 1e12:.0f} TFLOP/s).", "",
         f"Command: `{command}`", "",
         "| row | end to end (s) | x (a) | denoise (s) | s/step | MFU | VAE decode (s) | encode RPC (s) "
@@ -349,7 +351,7 @@ def table(results: dict, command: str) -> str:
             continue
         computed = 28 - len(_skipped(r.get("flags", [])))
         per_step = m["denoise"] / computed
-        mfu = f"{STEP_TFLOP / per_step / PEAK_BF16:.0%}" if name in ("b1", "b") else ""
+        mfu = f"{STEP_FLOPS / per_step / PEAK_BF16:.0%}" if name in ("b1", "b") else ""
         other = m["total"] - m["denoise"] - m["decode"] - m["encode_rpc"] - m["image_encode"]
         startup = r["startup"]
         startup_text = (f"{startup['serving']:.0f} (cache {startup['compile_cache']})" if "serving" in startup
