@@ -1,6 +1,6 @@
 """Per-step probe of the generator's speed options on one GPU, full-size random weights.
 
-  python bench/probe.py --out DIR [--sections peak,attention,step,vae,png,shapes,startup,restart,first_request] [--budget 540]
+  python bench/probe.py --out DIR [--sections peak,gemm,kernels,attention,step,vae,png,shapes,startup,restart,first_request] [--budget 540]
 
 Times one FLUX.1-dev transformer call at 1024x1024 (4096 image + 768 text tokens) for each
 option (eager, regional compile, fused QKV, Inductor flags, fp8 row/tensor-wise), with its
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from flops import transformer_step_flops
 from qwen2vl_flux.checkpoints import full_size
 
 START = time.perf_counter()
@@ -102,20 +103,6 @@ def transformer_inputs(text: int = 768, side: int = 1024):
                 return_dict=False)
 
 
-def step_flops(model, tokens: int, text: int) -> float:
-    """Matmul FLOPs of one call: 2 * params * rows for every Linear (modulation rows = 1) plus attention."""
-    total = 0
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear):
-            rows = 1 if ("norm" in name or "time_text_embed" in name) else tokens
-            if name.endswith("context_embedder"):
-                rows = text
-            total += 2 * m.in_features * m.out_features * rows
-    heads, dim = model.config.num_attention_heads, model.config.attention_head_dim
-    layers = model.config.num_layers + model.config.num_single_layers
-    return total + layers * 4 * tokens * tokens * heads * dim
-
-
 def step(out: Path, deadline: float, variants: list[str]) -> None:
     import torch._dynamo
     import torch._inductor.config as inductor
@@ -128,7 +115,7 @@ def step(out: Path, deadline: float, variants: list[str]) -> None:
     model.set_attention_backend("_native_cudnn")
     emit(out, section="step", kind="build", seconds=time.perf_counter() - begin)
     inputs = transformer_inputs()
-    flops = step_flops(model, 4096 + 768, 768)
+    flops = transformer_step_flops(model.config, 4096, 768)["total"]
     emit(out, section="step", kind="flops", tflop=flops / 1e12)
     compiled = False
     for variant in variants:
@@ -168,6 +155,142 @@ def step(out: Path, deadline: float, variants: list[str]) -> None:
             emit(out, section="step", kind=variant, error=f"{type(e).__name__}: {e}"[:500])
             if variant.startswith("fp8_"):
                 break
+
+
+# FLUX.1-dev's Linear shapes in one step at 4096 image + 512 text tokens: (rows, in, out, count)
+FLUX_LINEARS = [(4096, 3072, 3072, 19 * 4), (512, 3072, 3072, 19 * 4), (4096, 3072, 12288, 19),
+                (4096, 12288, 3072, 19), (512, 3072, 12288, 19), (512, 12288, 3072, 19),
+                (4608, 3072, 3072, 38 * 3), (4608, 3072, 12288, 38), (4608, 15360, 3072, 38)]
+# the same work as fewer, wider products (fused projections)
+FUSED_LINEARS = [(4096, 3072, 9216, 19), (512, 3072, 9216, 19), (4608, 3072, 21504, 38)]
+
+
+def gemm(out: Path) -> None:
+    """cuBLAS at the step's own shapes, bf16 and fp8 row-wise: the floor of the linears in one step."""
+    one_step = {"bf16": 0.0, "fp8_row": 0.0}
+    for rows, k, n, count in FLUX_LINEARS + FUSED_LINEARS:
+        a = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        flops = 2 * rows * k * n
+        row = {"rows": rows, "in_features": k, "out_features": n, "per_step": count}
+        s = timed(lambda: torch.nn.functional.linear(a, w, bias), 20, 3)
+        row["bf16_tflops"] = round(flops / s / 1e12)
+        a8, w8 = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+        sa, sw = torch.ones(rows, 1, device="cuda"), torch.ones(1, n, device="cuda")
+        s8 = timed(lambda: torch._scaled_mm(a8, w8.t(), scale_a=sa, scale_b=sw, bias=bias, out_dtype=torch.bfloat16,
+                                            use_fast_accum=True), 20, 3)
+        row["fp8_row_tflops"] = round(flops / s8 / 1e12)
+        if (rows, k, n, count) in FLUX_LINEARS:
+            one_step["bf16"] += s * count
+            one_step["fp8_row"] += s8 * count
+        emit(out, section="gemm", **row)
+    emit(out, section="gemm", kind="linears_of_one_step_seconds", **{k: round(v, 4) for k, v in one_step.items()})
+
+
+def trace_summary(path: Path) -> dict:
+    """GPU time of one profiled call by kind of kernel, and how much of the span the GPU was idle."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"]
+    kinds: dict[str, float] = {}
+    names: dict[str, list] = {}
+    for e in events:
+        name = e["name"]
+        low = name.lower()
+        # Inductor names its kernels after the ops they fuse ("..._scaled_dot_product_cudnn_attention_..."):
+        # Triton first, then attention and products by library kernel name
+        kind = ("triton" if low.startswith("triton") else
+                "attention" if any(w in low for w in ("fmha", "cudnn", "flash", "sdpa")) else
+                "gemm" if any(w in low for w in ("gemm", "nvjet", "sm90_xmma", "cutlass", "matmul")) else "other")
+        kinds[kind] = kinds.get(kind, 0.0) + e["dur"]
+        entry = names.setdefault(name[:90], [0, 0.0])
+        entry[0] += 1
+        entry[1] += e["dur"]
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events)
+    busy, end = 0.0, spans[0][0]
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    top = sorted(names.items(), key=lambda kv: -kv[1][1])[:40]
+    return {"span_ms": round((spans[-1][1] - spans[0][0]) / 1e3, 2), "busy_ms": round(busy / 1e3, 2),
+            "kernels": len(events), "by_kind_ms": {k: round(v / 1e3, 2) for k, v in kinds.items()},
+            "top": [(n, c, round(t / 1e3, 3)) for n, (c, t) in top]}
+
+
+def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -> None:
+    """One transformer call of the generator as it serves (compiled blocks, cuDNN attention) at
+    4096 + 512 tokens: its time, a profile of its kernels by kind (trace kept as
+    OUT/trace-VARIANT.json.gz), and the same call replayed as one CUDA graph. Variants: default,
+    turbo (fp8 linears), fused (diffusers' fused QKV projections), autotune (Inductor's
+    max-autotune for the products, epilogues fused), descent (Inductor's coordinate-descent tuning
+    of its own kernels, as flux-fast sets it), static and dynamic (torch.compile of the blocks with
+    static or symbolic token counts, not the generator's precompiled path)."""
+    import torch._dynamo
+    import torch._inductor.config as inductor
+    import gzip
+    import shutil
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from qwen2vl_flux.generator_server.pipeline import FluxGenerator, SpeedOptions
+
+    inputs = transformer_inputs(text=512)
+    for variant in variants:
+        if time.perf_counter() - START > deadline:
+            emit(out, section="kernels", kind=variant, skipped="budget")
+            continue
+        begin = time.perf_counter()
+        torch._dynamo.reset()
+        words = set(variant.split("+"))   # e.g. turbo+descent
+        generator = FluxGenerator(checkpoints, device="cuda", dtype=torch.bfloat16, random_weights="full")
+        if "fused" in words:
+            generator.transformer.fuse_qkv_projections()
+        if "autotune" in words:
+            inductor.max_autotune_gemm = True
+            inductor.max_autotune_gemm_backends = "ATEN,TRITON"
+        inductor.coordinate_descent_tuning = inductor.coordinate_descent_check_all_directions = "descent" in words
+        regional = bool(words & {"static", "dynamic"})
+        generator.optimize(SpeedOptions(compile=not regional, attention="_native_cudnn", turbo="turbo" in words))
+        model = generator.transformer
+        if regional:
+            model.compile_repeated_blocks(fullgraph=True, dynamic="dynamic" in words)
+        with torch.inference_mode():
+            first = once(lambda: model(**inputs))
+            s = timed(lambda: model(**inputs), 7, 2)
+            emit(out, section="kernels", kind=variant, seconds=s, first_call=first,
+                 built_s=time.perf_counter() - begin)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                model(**inputs)
+                torch.cuda.synchronize()
+            raw = out / f"trace-{variant}.json"
+            prof.export_chrome_trace(str(raw))
+            with raw.open("rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            raw.unlink()
+            emit(out, section="kernels", kind=variant, **trace_summary(Path(f"{raw}.gz")))
+            try:
+                reference = model(**inputs)[0].clone()
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    model(**inputs)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    captured = model(**inputs)[0]
+                g = timed(graph.replay, 7, 2)
+                emit(out, section="kernels", kind=f"{variant}_cuda_graph", seconds=g,
+                     max_abs_vs_plain=(captured.float() - reference.float()).abs().max().item())
+                del graph, captured
+            except Exception as e:  # noqa: BLE001
+                emit(out, section="kernels", kind=f"{variant}_cuda_graph", error=f"{type(e).__name__}: {e}"[:500])
+        generator = model = None
+        inductor.max_autotune_gemm = inductor.coordinate_descent_tuning = False
+        torch.cuda.empty_cache()
 
 
 def vae(out: Path) -> None:
@@ -450,6 +573,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--sections", default="peak,attention,png,vae,step,torchao")
     parser.add_argument("--variants", default="eager,regional,fused_qkv,fp8_tensor,fp8_row,flags")
+    parser.add_argument("--kernel-variants", default="default,turbo,fused,autotune")
     parser.add_argument("--budget", type=float, default=540)
     parser.add_argument("--checkpoints", default="/tmp/tiny", help="tokenizers and configs (section shapes)")
     args = parser.parse_args()
@@ -466,8 +590,10 @@ def main() -> None:
                  "first_request": first_request}[section](out, args.checkpoints)
             elif section == "step":
                 step(out, args.budget, args.variants.split(","))
+            elif section == "kernels":
+                kernels(out, args.checkpoints, args.kernel_variants.split(","), args.budget)
             else:
-                {"peak": peak, "attention": attention, "vae": vae, "png": png, "torchao": torchao_fp8}[section](out)
+                {"peak": peak, "gemm": gemm, "attention": attention, "vae": vae, "png": png, "torchao": torchao_fp8}[section](out)
         except Exception as e:  # noqa: BLE001
             emit(out, section=section, error=f"{type(e).__name__}: {e}"[:500])
         torch.cuda.empty_cache()
