@@ -5,6 +5,9 @@
 Times one FLUX.1-dev transformer call at 1024x1024 (4096 image + 768 text tokens) for each
 option (eager, regional compile, fused QKV, Inductor flags, fp8 row/tensor-wise), with its
 compile time and dynamo recompiles, then the VAE decode and image encoding per format.
+`kernels` profiles the generator's own compiled call (4096 + 512 tokens) by kernel kind, keeps
+each trace as DIR/trace-VARIANT.json.gz and replays the call as one CUDA graph (--kernel-variants
+default,turbo,descent,...); `gemm` times cuBLAS at the step's own Linear shapes.
 Each result is appended to DIR/probe.jsonl at once, so a run cut short keeps what it measured.
 Sections past --budget seconds are skipped.
 """
