@@ -232,11 +232,11 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
     max-autotune for the products, epilogues fused), descent (Inductor's coordinate-descent tuning
     of its own kernels, as flux-fast sets it), static and dynamic (torch.compile of the blocks with
     static or symbolic token counts, not the generator's precompiled path)."""
-    import torch._dynamo
-    import torch._inductor.config as inductor
     import gzip
     import shutil
 
+    import torch._dynamo
+    import torch._inductor.config as inductor
     from torch.profiler import ProfilerActivity, profile
 
     from qwen2vl_flux.generator_server.pipeline import FluxGenerator, SpeedOptions
