@@ -24,6 +24,6 @@ def transformer_step_flops(config: dict, image_tokens: int, text_tokens: int, ba
     if config.get("guidance_embeds"):
         embeds += 256 * d + d * d
     image_io = 2 * config["in_channels"] * d * image_tokens                   # x_embedder, proj_out
-    linears = 2 * batch * (per_token * tokens + rows + embeds) + 2 * batch * image_io
+    linears = 2 * batch * (per_token * tokens + rows + embeds + image_io)
     attention = batch * (double + single) * 4 * tokens * tokens * d
     return {"linears": linears, "attention": attention, "total": linears + attention}
