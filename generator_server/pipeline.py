@@ -7,8 +7,6 @@ encoder service, and everything after `prompt_embeds` happens here.
 """
 from __future__ import annotations
 
-import copy
-import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,8 @@ from qwen2vl_flux.client.modes import (ROLE_INPUT, T5_MAX_LENGTH, Mode, control_
                                        resolve_parameters, transformer_role, variation_size)
 from qwen2vl_flux.serving.server import Cancelled
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
+
+from . import blocks
 
 # on_step(step, total, preview): preview is a small PIL image on the steps that asked for one.
 StepCallback = Callable[[int, int, "Image.Image | None"], None]
@@ -90,9 +90,12 @@ class StepCache:
 class SpeedOptions:
     """Every speed option of the generator in one place (flags of qwen2vl-flux-generator).
 
-    compile: torch.compile of the repeated transformer blocks, with symbolic shapes. attention: a diffusers attention backend ("_native_cudnn" is the fastest
-    SDPA on Hopper). turbo: fp8 weights and activations for the transformer's Linear layers (generator_server/fp8.py).
-    step_cache: steps that reuse the last velocity (changes images; off by default).
+    compile: torch.compile of the repeated transformer blocks, with symbolic shapes, and unless
+    the first-block cache is on, their GELUs in the products' epilogues and no concatenation
+    before a single block's proj_out (blocks.py). attention: a diffusers attention backend ("_native_cudnn" is the fastest
+    SDPA on Hopper). turbo: fp8 weights and activations for the transformer's Linear layers
+    (generator_server/fp8.py). step_cache: steps that reuse the last velocity (changes images;
+    off by default).
     """
 
     compile: bool = False
@@ -147,51 +150,6 @@ def _cache_sdpa_backend_selection() -> None:
     inductor_config.unsafe_marked_cacheable_functions = {
         **inductor_config.unsafe_marked_cacheable_functions,
         **{f"torch.nn.attention.{name}": torch.__version__ for name in helpers}}
-
-
-def _joint_views(text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text and image tokens as views of one joint tensor (text first): the layout a
-    single-stream block returns. Inputs already in it pass through; others are copied."""
-    joint_stride = ((text.shape[1] + image.shape[1]) * text.shape[2], text.shape[2], 1)
-    if text.stride() == image.stride() == joint_stride:
-        return text, image
-    joint = torch.cat([text, image], dim=1)
-    return joint[:, :text.shape[1]], joint[:, text.shape[1]:]
-
-
-def _share_single_block_graphs(model) -> None:
-    """One compiled graph for all single-stream blocks of a batch size, not three.
-
-    Dynamo guards on input strides: the first single block receives contiguous tensors from
-    the last double block, later ones views of the previous block's joint output, and with
-    the ControlNet's residual added the image part is contiguous again; each layout traced
-    its own graph (seconds of every start, cache hit or not). Handing every block the joint
-    view layout before its compiled call costs one copy of the tokens where the layout
-    differs (once a step without a ControlNet) and changes no value."""
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
-
-    for block in model.single_transformer_blocks:
-        if type(block) is FluxSingleTransformerBlock:
-            block.__class__ = _single_block_in_joint_layout()
-
-
-@functools.cache
-def _single_block_in_joint_layout() -> type:
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
-
-    class _SingleBlockInJointLayout(FluxSingleTransformerBlock):
-        # __call__ runs outside the compiled region (torch.compile wraps _call_impl).
-        def __call__(self, hidden_states, encoder_hidden_states, *args, **kwargs):
-            encoder_hidden_states, hidden_states = _joint_views(encoder_hidden_states, hidden_states)
-            return super().__call__(hidden_states, encoder_hidden_states, *args, **kwargs)
-
-    try:   # diffusers' step caches look blocks up by class
-        from diffusers.hooks._helpers import TransformerBlockRegistry
-        TransformerBlockRegistry.register(_SingleBlockInJointLayout,
-                                          copy.copy(TransformerBlockRegistry.get(FluxSingleTransformerBlock)))
-    except (ImportError, ValueError):
-        pass
-    return _SingleBlockInJointLayout
 
 
 def shifted_sigmas(steps: int, image_seq_len: int, config) -> np.ndarray:
@@ -287,10 +245,11 @@ class FluxGenerator:
             # between requests (timesteps and scales are tensors or outside the blocks).
             torch._dynamo.config.specialize_float = True
             _cache_sdpa_backend_selection()
-            _share_single_block_graphs(self.transformer)
-            if self._full_graphs:
+            blocks.share_single_block_graphs(self.transformer)
+            if self._full_graphs:   # (the first-block cache's hooks call diffusers' own forward)
                 from .precompiled import PrecompiledBlocks
 
+                blocks.fuse_products(self.transformer)
                 self.precompiled = PrecompiledBlocks()
                 self.precompiled.install(self.transformer)
             else:
@@ -308,8 +267,9 @@ class FluxGenerator:
         if options.attention:
             controlnet.set_attention_backend(options.attention)
         if options.compile:
-            _share_single_block_graphs(controlnet)
+            blocks.share_single_block_graphs(controlnet)
             if self.precompiled is not None:
+                blocks.fuse_products(controlnet)
                 self.precompiled.install(controlnet)
             else:
                 for block in list(controlnet.transformer_blocks) + list(controlnet.single_transformer_blocks):

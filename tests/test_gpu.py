@@ -1,7 +1,8 @@
 """GPU tests (`pytest -m gpu`; skipped without CUDA): full-size random weights, every
 mode at 1024x1024, encoder and generator as two processes on two GPUs (and both on
 one). Eager, to keep the run short, but for one compiled turbo generator restarted on its
-compile cache; bench/ measures the compiled paths' speed."""
+compile cache, and the compiled path's fused products at a block's shapes; bench/ measures
+the compiled paths' speed."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ from PIL import Image
 
 from qwen2vl_flux.client import Client
 from qwen2vl_flux.client.launch import ServerProcess
+from qwen2vl_flux.generator_server.blocks import ConcatFreeLinear, LinearGeluTanh
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -151,3 +153,31 @@ def test_one_gpu_compiled_turbo_restarts_on_its_compile_cache(tiny_checkpoints, 
     finally:
         for server, _ in servers.values():
             server.stop()
+
+
+def test_fused_products_at_a_single_blocks_shapes_are_the_stock_layers_to_rounding():
+    """cuBLASLt's GELU epilogue (the CPU tests run the plain GELU) is the tanh GELU, and proj_out
+    as two products is the product of the concatenation. Against float64: in fp32 the tanh and the
+    exact GELU differ by far more than fp32 rounds; in bf16 both are about as far off as diffusers'
+    layers (the split sum rounds once more: 1.3 x the error on the CPU in bf16)."""
+    torch.manual_seed(0)
+    dim, hidden, gelu = 3072, 12288, torch.nn.functional.gelu
+
+    def error(t: torch.Tensor, reference: torch.Tensor) -> float:
+        return (t.double() - reference).abs().mean().item()
+
+    for dtype in (torch.float32, torch.bfloat16):
+        up = torch.nn.Linear(dim, hidden, device="cuda", dtype=dtype)
+        out = torch.nn.Linear(dim + hidden, dim, device="cuda", dtype=dtype)
+        x, attn = (2 * torch.randn(1, 4608, dim, device="cuda", dtype=dtype) for _ in range(2))
+        with torch.inference_mode():
+            before = x.double() @ up.weight.double().t() + up.bias.double()
+            tanh, erf = gelu(before, approximate="tanh"), gelu(before)
+            stock_mlp, fused_mlp = gelu(up(x), approximate="tanh"), LinearGeluTanh(up)(x)
+            exact = torch.cat([attn, stock_mlp], -1).double() @ out.weight.double().t() + out.bias.double()
+            stock, fused = out(torch.cat([attn, stock_mlp], -1)), ConcatFreeLinear(out, dim)(attn, stock_mlp)
+        assert fused_mlp.shape == stock_mlp.shape and fused.shape == stock.shape
+        if dtype == torch.float32:
+            assert error(fused_mlp, tanh) < error(fused_mlp, erf) / 10, (error(fused_mlp, tanh), error(fused_mlp, erf))
+        assert error(fused_mlp, tanh) <= 1.5 * error(stock_mlp, tanh), (dtype, error(stock_mlp, tanh))
+        assert error(fused, exact) <= 1.6 * error(stock, exact), (dtype, error(stock, exact), error(fused, exact))

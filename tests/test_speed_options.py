@@ -15,9 +15,10 @@ from PIL import Image
 from qwen2vl_flux.client.launch import ServerProcess
 from qwen2vl_flux.client.modes import Mode, resolve_parameters
 from qwen2vl_flux.generator_server.compile_cache import ARTIFACTS, MANIFEST, CompileCache, cache_fields
+from qwen2vl_flux.generator_server import blocks
 from qwen2vl_flux.generator_server.fp8 import Fp8Linear, quantize_linears
 from qwen2vl_flux.generator_server.pipeline import (Conditioning, FluxGenerator, GenerationJob, SpeedOptions,
-                                                    StepCache, _share_single_block_graphs)
+                                                    StepCache)
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2_grpc as pb_grpc
 
@@ -77,10 +78,43 @@ def test_single_blocks_in_joint_layout_change_no_value(tiny_checkpoints):
     """The layout that lets every single block share one compiled graph is a copy, not a change:
     bitwise the same images eagerly, in a ControlNet mode (whose residuals make the layout differ)."""
     plain, joint = FluxGenerator(tiny_checkpoints), FluxGenerator(tiny_checkpoints)
-    _share_single_block_graphs(joint.transformer)
-    _share_single_block_graphs(joint.controlnet)
+    blocks.share_single_block_graphs(joint.transformer)
+    blocks.share_single_block_graphs(joint.controlnet)
     assert {type(b).__name__ for b in joint.transformer.single_transformer_blocks} == {"_SingleBlockInJointLayout"}
     assert np.array_equal(_controlnet_image(plain), _controlnet_image(joint))
+
+
+def _velocities(generator: FluxGenerator) -> list[torch.Tensor]:
+    outputs = []
+    hook = generator.transformer.register_forward_hook(lambda m, i, out: outputs.append(out[0]))
+    try:
+        _controlnet_image(generator)
+    finally:
+        hook.remove()
+    return outputs
+
+
+def test_fused_products_compute_what_the_stock_blocks_compute(tiny_checkpoints):
+    """The concatenation-free proj_out (the compiled path's blocks; the GELU epilogue is the GPU's,
+    tests/test_gpu.py) gives diffusers' velocities to rounding, the ControlNet's blocks included;
+    fp8 layers keep diffusers' arrangement."""
+    plain, fused = FluxGenerator(tiny_checkpoints), FluxGenerator(tiny_checkpoints)
+    for model in (fused.transformer, fused.controlnet):
+        blocks.fuse_products(model)
+    single, double = fused.transformer.single_transformer_blocks[0], fused.transformer.transformer_blocks[0]
+    assert isinstance(single.proj_out, blocks.ConcatFreeLinear) and isinstance(single.proj_mlp, blocks.LinearGeluTanh)
+    assert isinstance(double.ff.net[0], blocks.LinearGeluTanh) and isinstance(double.ff_context.net[0], blocks.LinearGeluTanh)
+    assert isinstance(fused.controlnet.single_transformer_blocks[0].proj_out, blocks.ConcatFreeLinear)
+    expected, got = _velocities(plain), _velocities(fused)
+    assert len(got) == 3
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+    turbo = FluxGenerator(tiny_checkpoints)
+    quantize_linears(turbo.transformer)
+    blocks.fuse_products(turbo.transformer)
+    assert isinstance(turbo.transformer.single_transformer_blocks[0].proj_out, Fp8Linear)
+    assert not any(isinstance(m, (blocks.LinearGeluTanh, blocks.ConcatFreeLinear)) for m in turbo.transformer.modules())
 
 
 def test_compiled_warm_up_traces_four_graphs_that_serve_every_mode_and_size(tiny_checkpoints):
