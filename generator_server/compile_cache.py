@@ -43,7 +43,7 @@ def cache_fields(model, options) -> dict:
     # Our code decides the traced graphs too (layouts, compile settings): an entry written by
     # another version would hit, lack the graphs this one traces, and never be rewritten.
     code = hashlib.sha256(b"".join((Path(__file__).parent / name).read_bytes()
-                                   for name in ("pipeline.py", "blocks.py", "fp8.py", "precompiled.py",
+                                   for name in ("pipeline.py", "blocks.py", "modulation.py", "fp8.py", "precompiled.py",
                                                 "compile_cache.py"))).hexdigest()[:16]
     fields = {"torch": torch.__version__, "diffusers": version("diffusers"), "triton": triton_version,
               "generator_code": code,

@@ -23,7 +23,7 @@ from qwen2vl_flux.client.modes import (ROLE_INPUT, T5_MAX_LENGTH, Mode, control_
 from qwen2vl_flux.serving.server import Cancelled
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
 
-from . import blocks
+from . import blocks, modulation
 
 # on_step(step, total, preview): preview is a small PIL image on the steps that asked for one.
 StepCallback = Callable[[int, int, "Image.Image | None"], None]
@@ -91,8 +91,9 @@ class SpeedOptions:
     """Every speed option of the generator in one place (flags of qwen2vl-flux-generator).
 
     compile: torch.compile of the repeated transformer blocks, with symbolic shapes, and unless
-    the first-block cache is on, their GELUs in the products' epilogues and no concatenation
-    before a single block's proj_out (blocks.py). attention: a diffusers attention backend ("_native_cudnn" is the fastest
+    the first-block cache is on, their GELUs in the products' epilogues, no concatenation before
+    a single block's proj_out (blocks.py) and their AdaLN modulation computed for many steps at
+    once (modulation.py). attention: a diffusers attention backend ("_native_cudnn" is the fastest
     SDPA on Hopper). turbo: fp8 weights and activations for the transformer's Linear layers
     (generator_server/fp8.py). step_cache: steps that reuse the last velocity (changes images;
     off by default).
@@ -250,6 +251,7 @@ class FluxGenerator:
                 from .precompiled import PrecompiledBlocks
 
                 blocks.fuse_products(self.transformer)
+                modulation.install(self.transformer)
                 self.precompiled = PrecompiledBlocks()
                 self.precompiled.install(self.transformer)
             else:
@@ -270,6 +272,7 @@ class FluxGenerator:
             blocks.share_single_block_graphs(controlnet)
             if self.precompiled is not None:
                 blocks.fuse_products(controlnet)
+                modulation.install(controlnet)
                 self.precompiled.install(controlnet)
             else:
                 for block in list(controlnet.transformer_blocks) + list(controlnet.single_transformer_blocks):
@@ -508,27 +511,38 @@ class FluxGenerator:
         if self.transformer.is_cache_enabled:
             self.transformer._reset_stateful_cache()   # the step cache must not leak across requests
         reuse = self.speed.step_cache.skipped(total) if self.speed.step_cache else frozenset()
+        models = [self.transformer] + ([self.controlnet] if controls else [])
+        schedule = None
+        if modulation.modulated(self.transformer):
+            schedule = modulation.ModulationSchedule(models, timesteps, pooled=pooled, guidance=guidance,
+                                                     dtype=latents.dtype)
         noise_pred = None
-        for i, t in enumerate(timesteps):
-            if cancelled():
-                raise Cancelled(f"stopped before step {i + 1} of {total}")
-            if noise_pred is None or i not in reuse:
-                noise_pred = self._velocity(latents, t, prompt_embeds=prompt_embeds, text_ids=text_ids,
-                                            pooled=pooled, image_ids=image_ids, guidance=guidance,
-                                            controls=controls, control_embeds=control_embeds)
-            preview = None
-            if preview_every and (i + 1) % preview_every == 0:
-                # The clean image the model predicts now: x0 = x_t - sigma * v (flow matching).
-                sigma = scheduler.sigmas[scheduler.begin_index + i]   # step_index is None before the first step
-                preview = self._preview(latents - sigma * noise_pred, *latent_size)
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            if inpaint is not None:
-                mask, image_latents, noise = inpaint
-                keep = image_latents
-                if i < total - 1:
-                    keep = scheduler.scale_noise(image_latents, timesteps[i + 1:i + 2], noise)
-                latents = (1 - mask) * keep + mask * latents
-            progress.step_launched(i + 1, preview)
+        try:
+            for i, t in enumerate(timesteps):
+                if cancelled():
+                    raise Cancelled(f"stopped before step {i + 1} of {total}")
+                if noise_pred is None or i not in reuse:
+                    if schedule is not None:
+                        schedule.select(i)
+                    noise_pred = self._velocity(latents, t, prompt_embeds=prompt_embeds, text_ids=text_ids,
+                                                pooled=pooled, image_ids=image_ids, guidance=guidance,
+                                                controls=controls, control_embeds=control_embeds)
+                preview = None
+                if preview_every and (i + 1) % preview_every == 0:
+                    # The clean image the model predicts now: x0 = x_t - sigma * v (flow matching).
+                    sigma = scheduler.sigmas[scheduler.begin_index + i]   # step_index is None before the first step
+                    preview = self._preview(latents - sigma * noise_pred, *latent_size)
+                latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if inpaint is not None:
+                    mask, image_latents, noise = inpaint
+                    keep = image_latents
+                    if i < total - 1:
+                        keep = scheduler.scale_noise(image_latents, timesteps[i + 1:i + 2], noise)
+                    latents = (1 - mask) * keep + mask * latents
+                progress.step_launched(i + 1, preview)
+        finally:
+            if schedule is not None:
+                schedule.release()
         progress.finish()
         return latents
 

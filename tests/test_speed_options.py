@@ -15,7 +15,7 @@ from PIL import Image
 from qwen2vl_flux.client.launch import ServerProcess
 from qwen2vl_flux.client.modes import Mode, resolve_parameters
 from qwen2vl_flux.generator_server.compile_cache import ARTIFACTS, MANIFEST, CompileCache, cache_fields
-from qwen2vl_flux.generator_server import blocks
+from qwen2vl_flux.generator_server import blocks, modulation
 from qwen2vl_flux.generator_server.fp8 import Fp8Linear, quantize_linears
 from qwen2vl_flux.generator_server.pipeline import (Conditioning, FluxGenerator, GenerationJob, SpeedOptions,
                                                     StepCache)
@@ -115,6 +115,35 @@ def test_fused_products_compute_what_the_stock_blocks_compute(tiny_checkpoints):
     blocks.fuse_products(turbo.transformer)
     assert isinstance(turbo.transformer.single_transformer_blocks[0].proj_out, Fp8Linear)
     assert not any(isinstance(m, (blocks.LinearGeluTanh, blocks.ConcatFreeLinear)) for m in turbo.transformer.modules())
+
+
+def test_modulation_computed_ahead_gives_the_images_of_one_product_a_step(tiny_checkpoints, monkeypatch):
+    """The AdaLN products of many steps at once (the compiled path's) paint what one product a
+    step paints: in a ControlNet mode with two images, and chunks of two steps, so the
+    ControlNet's rows and a second chunk are used. Rows not set fail loudly."""
+    plain, ahead = FluxGenerator(tiny_checkpoints), FluxGenerator(tiny_checkpoints)
+    config = ahead.transformer.config
+    assert modulation.install(ahead.transformer) == config.num_layers + config.num_single_layers
+    assert modulation.install(ahead.transformer) == len(modulation.modulated(ahead.transformer))   # idempotent
+    assert modulation.install(ahead.controlnet) > 0
+    monkeypatch.setattr(modulation.ModulationSchedule, "CHUNK_ROWS", 4)
+    computed = []
+    monkeypatch.setattr(modulation.ModulationSchedule, "_compute",
+                        lambda self, first, original=modulation.ModulationSchedule._compute:
+                        (computed.append(first), original(self, first)))
+    expected, got = _velocities(plain), _velocities(ahead)
+    assert computed == [0, 2] and len(got) == 3
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+    # A request hands its rows back: a call outside a schedule fails instead of using stale rows.
+    assert all(block.modulation_rows is None for block in modulation.modulated(ahead.controlnet))
+    with pytest.raises(RuntimeError, match="ModulationSchedule"):
+        with torch.inference_mode():
+            ahead.transformer(hidden_states=torch.randn(1, 4, config.in_channels), timestep=torch.ones(1),
+                              guidance=torch.ones(1), pooled_projections=torch.randn(1, ahead.fingerprint.pooled_dim),
+                              encoder_hidden_states=torch.randn(1, 3, ahead.fingerprint.inner_dim),
+                              txt_ids=torch.zeros(3, 3), img_ids=torch.zeros(4, 3))
 
 
 def test_compiled_warm_up_traces_four_graphs_that_serve_every_mode_and_size(tiny_checkpoints):
