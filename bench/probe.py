@@ -1,13 +1,14 @@
 """Per-step probe of the generator's speed options on one GPU, full-size random weights.
 
-  python bench/probe.py --out DIR [--sections peak,gemm,kernels,attention,step,vae,png,shapes,startup,restart,first_request] [--budget 540]
+  python bench/probe.py --out DIR [--sections peak,gemm,single_mlp,kernels,attention,step,vae,png,shapes,startup,restart,first_request] [--budget 540]
 
 Times one FLUX.1-dev transformer call at 1024x1024 (4096 image + 768 text tokens) for each
 option (eager, regional compile, fused QKV, Inductor flags, fp8 row/tensor-wise), with its
 compile time and dynamo recompiles, then the VAE decode and image encoding per format.
 `kernels` profiles the generator's own compiled call (4096 + 512 tokens) by kernel kind, keeps
 each trace as DIR/trace-VARIANT.json.gz and replays the call as one CUDA graph (--kernel-variants
-default,turbo,descent,...); `gemm` times cuBLAS at the step's own Linear shapes.
+default,turbo,descent,...); `gemm` times cuBLAS at the step's own Linear shapes, `single_mlp` a
+single block's MLP half with cuBLASLt's GELU epilogue against Inductor's fusion.
 Each result is appended to DIR/probe.jsonl at once, so a run cut short keeps what it measured.
 Sections past --budget seconds are skipped.
 """
@@ -191,6 +192,52 @@ def gemm(out: Path) -> None:
     emit(out, section="gemm", kind="linears_of_one_step_seconds", **{k: round(v, 4) for k, v in one_step.items()})
 
 
+def single_mlp(out: Path) -> None:
+    """A single block's MLP half at 4608 tokens, the stock way (proj_mlp, tanh GELU, concatenated
+    with the attention output, proj_out; Inductor fuses the GELU into the concatenation) against
+    cuBLASLt's GELU epilogue (`torch._addmm_activation`) with proj_out split in two products (no
+    concatenation) or with the GELU product written into the concatenation's buffer."""
+    rows, dim, hidden = 4608, 3072, 12288
+    dev, dt = "cuda", torch.bfloat16
+    x, attn = torch.randn(rows, dim, device=dev, dtype=dt), torch.randn(rows, dim, device=dev, dtype=dt)
+    w_mlp, b_mlp = torch.randn(hidden, dim, device=dev, dtype=dt) / 50, torch.randn(hidden, device=dev, dtype=dt)
+    w_out, b_out = torch.randn(dim, dim + hidden, device=dev, dtype=dt) / 100, torch.randn(dim, device=dev, dtype=dt)
+    w_attn_part, w_mlp_part = w_out[:, :dim].contiguous(), w_out[:, dim:].contiguous()
+    gelu = torch.nn.functional.gelu
+    linear = torch.nn.functional.linear
+
+    def stock(x, attn):
+        return linear(torch.cat([attn, gelu(linear(x, w_mlp, b_mlp), approximate="tanh")], dim=1), w_out, b_out)
+
+    def epilogue_split(x, attn):
+        mlp = torch._addmm_activation(b_mlp, x, w_mlp.t(), use_gelu=True)
+        return torch.addmm(b_out, attn, w_attn_part.t()).addmm_(mlp, w_mlp_part.t())
+
+    buffer = torch.empty(rows, dim + hidden, device=dev, dtype=dt)
+
+    def epilogue_into_cat(x, attn):
+        torch._addmm_activation(b_mlp, x, w_mlp.t(), use_gelu=True, out=buffer[:, dim:])
+        buffer[:, :dim].copy_(attn)
+        return linear(buffer, w_out, b_out)
+
+    def epilogue_cat(x, attn):
+        return linear(torch.cat([attn, torch._addmm_activation(b_mlp, x, w_mlp.t(), use_gelu=True)], dim=1),
+                      w_out, b_out)
+
+    with torch.inference_mode():
+        reference = stock(x, attn).float()
+        compiled = torch.compile(stock, fullgraph=True)
+        for name, fn in [("stock_eager", stock), ("stock_compiled", compiled), ("epilogue_split", epilogue_split),
+                         ("epilogue_into_cat", epilogue_into_cat), ("epilogue_cat", epilogue_cat)]:
+            try:
+                s = timed(lambda: fn(x, attn), 20, 3)
+                diff = (fn(x, attn).float() - reference).abs()
+                emit(out, section="single_mlp", kind=name, seconds=s, max_abs_vs_eager=diff.max().item(),
+                     mean_abs_vs_eager=diff.mean().item(), reference_mean_abs=reference.abs().mean().item())
+            except Exception as e:  # noqa: BLE001
+                emit(out, section="single_mlp", kind=name, error=f"{type(e).__name__}: {e}"[:500])
+
+
 def trace_summary(path: Path) -> dict:
     """GPU time of one profiled call by kind of kernel, and how much of the span the GPU was idle."""
     import gzip
@@ -230,7 +277,9 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
     OUT/trace-VARIANT.json.gz), and the same call replayed as one CUDA graph. Variants: default,
     turbo (fp8 linears), fused (diffusers' fused QKV projections), autotune (Inductor's
     max-autotune for the products, epilogues fused), descent (Inductor's coordinate-descent tuning
-    of its own kernels, as flux-fast sets it), static and dynamic (torch.compile of the blocks with
+    of its own kernels, as flux-fast sets it), stepmod (the AdaLN modulation products at every
+    step, not ahead for many: modulation.py), unfused (diffusers' GELU kernels and proj_out
+    concatenation: blocks.fuse_products off), static and dynamic (torch.compile of the blocks with
     static or symbolic token counts, not the generator's precompiled path)."""
     import gzip
     import shutil
@@ -239,6 +288,7 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
     import torch._inductor.config as inductor
     from torch.profiler import ProfilerActivity, profile
 
+    from qwen2vl_flux.generator_server import blocks, modulation
     from qwen2vl_flux.generator_server.pipeline import FluxGenerator, SpeedOptions
 
     inputs = transformer_inputs(text=512)
@@ -257,8 +307,19 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
             inductor.max_autotune_gemm_backends = "ATEN,TRITON"
         inductor.coordinate_descent_tuning = inductor.coordinate_descent_check_all_directions = "descent" in words
         regional = bool(words & {"static", "dynamic"})
-        generator.optimize(SpeedOptions(compile=not regional, attention="_native_cudnn", turbo="turbo" in words))
+        install, fuse = modulation.install, blocks.fuse_products
+        if "stepmod" in words:   # the AdaLN products one step at a time, as before modulation.py
+            modulation.install = lambda model: 0
+        if "unfused" in words:   # diffusers' GELU kernels and concatenation, as before blocks.fuse_products
+            blocks.fuse_products = lambda model: None
+        try:
+            generator.optimize(SpeedOptions(compile=not regional, attention="_native_cudnn", turbo="turbo" in words))
+        finally:
+            modulation.install, blocks.fuse_products = install, fuse
         model = generator.transformer
+        if modulation.modulated(model):
+            modulation.ModulationSchedule([model], inputs["timestep"] * 1000, pooled=inputs["pooled_projections"],
+                                          guidance=inputs["guidance"], dtype=torch.bfloat16).select(0)
         if regional:
             model.compile_repeated_blocks(fullgraph=True, dynamic="dynamic" in words)
         with torch.inference_mode():
@@ -441,7 +502,7 @@ def shapes(out: Path, checkpoints: str) -> None:
     finally:
         encoder_model.TEXT_ATTENTION = served
     sizes("served", [(1240, 500), (1055, 500)], (574, 650))  # 1000, 1012; 1020
-    del encoder
+    encoder = None   # frees its GPU memory for the VAE (the closures above hold the name)
     torch.cuda.empty_cache()
     vae = full_size.flux_vae("cuda", torch.bfloat16)
     with torch.inference_mode():
@@ -596,7 +657,8 @@ def main() -> None:
             elif section == "kernels":
                 kernels(out, args.checkpoints, args.kernel_variants.split(","), args.budget)
             else:
-                {"peak": peak, "gemm": gemm, "attention": attention, "vae": vae, "png": png, "torchao": torchao_fp8}[section](out)
+                {"peak": peak, "gemm": gemm, "single_mlp": single_mlp, "attention": attention, "vae": vae, "png": png,
+                 "torchao": torchao_fp8}[section](out)
         except Exception as e:  # noqa: BLE001
             emit(out, section=section, error=f"{type(e).__name__}: {e}"[:500])
         torch.cuda.empty_cache()
