@@ -318,7 +318,8 @@ def table(results: dict, command: str) -> str:
         "bf16; medians of the timed runs after one warm request. MFU: the transformer's matmul FLOPs per step "
         f"({STEP_FLOPS / 1e12:.1f} TFLOP) over the measured step time, against the measured bf16 matmul peak "
         f"({PEAK_BF16 / 1e12:.0f} TFLOP/s).", "",
-        f"Command: `{command}`", "",
+        # a command given with its own Markdown (several commands and prose between) stays as given
+        f"Command: {command if '`' in command else f'`{command}`'}", "",
         "| row | end to end (s) | x (a) | denoise (s) | s/step | MFU | VAE decode (s) | encode RPC (s) "
         "| image encode (s) | other (s) | first request (s) | start-up to SERVING (s) | peak GPU memory (GB) "
         "| image vs (b1): PSNR dB / max abs | machine lease started |",
