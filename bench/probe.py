@@ -111,6 +111,7 @@ def step(out: Path, deadline: float, variants: list[str]) -> None:
     import torch._dynamo
     import torch._inductor.config as inductor
 
+    from qwen2vl_flux.generator_server.blocks import repeated_blocks
     from qwen2vl_flux.generator_server.fp8 import quantize_linears
 
     begin = time.perf_counter()
@@ -130,7 +131,7 @@ def step(out: Path, deadline: float, variants: list[str]) -> None:
             torch._dynamo.reset()
             torch._dynamo.utils.counters.clear()
             if compiled:   # undo the previous variant's compile wrappers
-                for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
+                for block in repeated_blocks(model):
                     block._compiled_call_impl = None
             if variant == "fused_qkv":
                 model.fuse_qkv_projections()

@@ -51,6 +51,11 @@ class ConcatFreeLinear(torch.nn.Module):
         return out.reshape(*a.shape[:-1], out.shape[-1])
 
 
+def repeated_blocks(model) -> list:
+    """The double-stream then single-stream blocks of a FLUX transformer or ControlNet."""
+    return list(model.transformer_blocks) + list(model.single_transformer_blocks)
+
+
 def joint_views(text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Text and image tokens as views of one joint tensor (text first): the layout a
     single-stream block returns. Inputs already in it pass through; others are copied."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .blocks import repeated_blocks
+
 _NORMS = {"FluxTransformerBlock": ("norm1", "norm1_context"), "FluxSingleTransformerBlock": ("norm",)}
 
 
@@ -52,10 +54,9 @@ def _block_rows(block, args, kwargs):
 def install(model: torch.nn.Module) -> int:
     """Make every block of `model` (FLUX transformer or ControlNet) read its modulation from
     precomputed rows; returns how many blocks. Idempotent."""
-    blocks = modulated(model)
-    for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
+    for block in repeated_blocks(model):
         norms = _norms(block)
-        if block in blocks or not norms:
+        if hasattr(block, "modulation_rows") or not norms:
             continue
         start = 0
         for norm in norms:
@@ -64,13 +65,11 @@ def install(model: torch.nn.Module) -> int:
             start = norm.linear.stop
         block.modulation_rows = None
         block.register_forward_pre_hook(_block_rows, with_kwargs=True)
-        blocks.append(block)
-    return len(blocks)
+    return len(modulated(model))
 
 
 def modulated(model: torch.nn.Module) -> list:
-    return [block for block in list(model.transformer_blocks) + list(model.single_transformer_blocks)
-            if hasattr(block, "modulation_rows")]
+    return [block for block in repeated_blocks(model) if hasattr(block, "modulation_rows")]
 
 
 class ModulationSchedule:

@@ -275,7 +275,7 @@ class FluxGenerator:
                 modulation.install(controlnet)
                 self.precompiled.install(controlnet)
             else:
-                for block in list(controlnet.transformer_blocks) + list(controlnet.single_transformer_blocks):
+                for block in blocks.repeated_blocks(controlnet):
                     block.compile(fullgraph=False, dynamic=True)
 
     def warm_up(self, modes: list[Mode], size: int = 1024, on_phase: Callable[..., None] | None = None) -> None:
@@ -511,9 +511,9 @@ class FluxGenerator:
         if self.transformer.is_cache_enabled:
             self.transformer._reset_stateful_cache()   # the step cache must not leak across requests
         reuse = self.speed.step_cache.skipped(total) if self.speed.step_cache else frozenset()
-        models = [self.transformer] + ([self.controlnet] if controls else [])
         schedule = None
         if modulation.modulated(self.transformer):
+            models = [self.transformer] + ([self.controlnet] if controls else [])
             schedule = modulation.ModulationSchedule(models, timesteps, pooled=pooled, guidance=guidance,
                                                      dtype=latents.dtype)
         noise_pred = None
@@ -550,20 +550,21 @@ class FluxGenerator:
                   control_embeds) -> torch.Tensor:
         """One transformer call at timestep t, with the ControlNet residuals of every map summed in."""
         timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-        blocks = singles = None
+        block_samples = single_samples = None   # the ControlNet's residuals, summed over the maps
         for cond, union_mode, scale in controls:
             mode = torch.full((latents.shape[0], 1), union_mode, device=self.device, dtype=torch.long)
             b, s = self.controlnet(
                 hidden_states=latents, controlnet_cond=cond, controlnet_mode=mode, conditioning_scale=scale,
                 timestep=timestep, guidance=guidance, pooled_projections=pooled,
                 encoder_hidden_states=control_embeds, txt_ids=text_ids, img_ids=image_ids, return_dict=False)
-            blocks = b if blocks is None else [x + y for x, y in zip(blocks, b)]
-            singles = s if singles is None else [x + y for x, y in zip(singles, s)]
+            block_samples = b if block_samples is None else [x + y for x, y in zip(block_samples, b)]
+            single_samples = s if single_samples is None else [x + y for x, y in zip(single_samples, s)]
         with self.transformer.cache_context("cond"):   # a no-op unless the first-block cache is on
             return self.transformer(
                 hidden_states=latents, timestep=timestep, guidance=guidance, pooled_projections=pooled,
                 encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
-                controlnet_block_samples=blocks, controlnet_single_block_samples=singles, return_dict=False,
+                controlnet_block_samples=block_samples, controlnet_single_block_samples=single_samples,
+                return_dict=False,
             )[0]
 
     def _preview(self, latents: torch.Tensor, latent_h: int, latent_w: int) -> Image.Image:

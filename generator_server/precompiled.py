@@ -25,6 +25,7 @@ import torch
 
 from qwen2vl_flux.serving.server import log_event
 
+from .blocks import repeated_blocks
 from .compile_cache import write_atomically
 
 
@@ -69,7 +70,7 @@ class PrecompiledBlocks:
         self._fallbacks: dict[type, Callable] = {}
 
     def install(self, model) -> None:
-        for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
+        for block in repeated_blocks(model):
             block.forward = _BlockForward(self, block, _structure(block))
 
     def use_directory(self, directory: Path, trusted: dict[str, str]) -> None:
