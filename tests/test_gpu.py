@@ -158,8 +158,10 @@ def test_one_gpu_compiled_turbo_restarts_on_its_compile_cache(tiny_checkpoints, 
 def test_fused_products_at_a_single_blocks_shapes_are_the_stock_layers_to_rounding():
     """cuBLASLt's GELU epilogue (the CPU tests run the plain GELU) is the tanh GELU, and proj_out
     as two products is the product of the concatenation. Against float64: in fp32 the tanh and the
-    exact GELU differ by far more than fp32 rounds; in bf16 both are about as far off as diffusers'
-    layers (the split sum rounds once more: 1.3 x the error on the CPU in bf16)."""
+    exact GELU differ by far more than the epilogue rounds; in bf16 both fused layers are about as
+    far off as diffusers' (the split sum rounds once more: 1.3 x the error on the CPU in bf16).
+    fp32 layers keep torch's GELU: the epilogue's was 2.7 x further off in fp32 (H100, 1.2e-6
+    against 4.5e-7 mean), which is not fp32's precision."""
     torch.manual_seed(0)
     dim, hidden, gelu = 3072, 12288, torch.nn.functional.gelu
 
@@ -178,6 +180,9 @@ def test_fused_products_at_a_single_blocks_shapes_are_the_stock_layers_to_roundi
             stock, fused = out(torch.cat([attn, stock_mlp], -1)), ConcatFreeLinear(out, dim)(attn, stock_mlp)
         assert fused_mlp.shape == stock_mlp.shape and fused.shape == stock.shape
         if dtype == torch.float32:
-            assert error(fused_mlp, tanh) < error(fused_mlp, erf) / 10, (error(fused_mlp, tanh), error(fused_mlp, erf))
+            with torch.inference_mode():
+                epilogue = torch._addmm_activation(up.bias, x[0], up.weight.t(), use_gelu=True)
+            assert error(epilogue, tanh[0]) < error(epilogue, erf[0]) / 10, (error(epilogue, tanh[0]),
+                                                                            error(epilogue, erf[0]))
         assert error(fused_mlp, tanh) <= 1.5 * error(stock_mlp, tanh), (dtype, error(stock_mlp, tanh))
         assert error(fused, exact) <= 1.6 * error(stock, exact), (dtype, error(stock, exact), error(fused, exact))
