@@ -10,8 +10,10 @@ so that every block of a class shares one compiled graph and fewer passes go ove
 - A single block's proj_out takes the attention output and the MLP's hidden states as two
   products summed (`ConcatFreeLinear`), not as one product of their concatenation, which was a
   copy of 141 MB a block.
-Both change the rounding, not the math (bf16 noise; BENCHMARKS.md reports the image difference);
-turbo's fp8 layers keep diffusers' arrangement.
+These two change the rounding, not the math (bf16 noise; BENCHMARKS.md reports the image
+difference); turbo's fp8 layers keep diffusers' arrangement.
+- Attention takes Q, K and V in the layouts Inductor gives them (`StridedAttnProcessor`), with
+  bf16 and fp8 layers alike: the same values, fewer copies.
 """
 from __future__ import annotations
 
@@ -52,6 +54,88 @@ class ConcatFreeLinear(torch.nn.Module):
         out = torch.addmm(self.linear.bias, a.reshape(-1, a.shape[-1]), weight[:, :self.split].t())
         out = torch.addmm(out, b.reshape(-1, b.shape[-1]), weight[:, self.split:].t())
         return out.reshape(*a.shape[:-1], out.shape[-1])
+
+
+class StridedAttnProcessor:
+    """diffusers' FluxAttnProcessor without its layout copies; the same ops on the same values.
+
+    diffusers' attention backends take (B, S, H, D) and its cuDNN one hands SDPA contiguous
+    (B, H, S, D) copies, so a single block's V was copied (its Q and K are rewritten by the norm
+    and RoPE anyway) and every block's output came back (B, H, S, D), to be copied again for the
+    projection after it: at 4608 tokens on an H100, 35 us for V and 15 us for the output, 95
+    kernels a step. SDPA takes strided inputs and writes its
+    output in Q's layout, which Inductor then chooses to suit both sides. Q and K turn to
+    (B, H, S, D) right after their norm, so that the RoPE kernel writes them as attention reads
+    them. Installed for diffusers' backends that are torch's SDPA (native, _native_cudnn, ...);
+    masks, context parallelism and a backend set later that is not torch's SDPA go to diffusers'
+    processor."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
+
+        backend = _sdpa_backend(self._attention_backend)
+        if attention_mask is not None or self._parallel_config is not None or backend is False:
+            fallback = FluxAttnProcessor()
+            fallback._attention_backend, fallback._parallel_config = self._attention_backend, self._parallel_config
+            return fallback(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:
+            encoder_query, encoder_key, encoder_value = (t.unflatten(-1, (-1, attn.head_dim))
+                                                         for t in (encoder_query, encoder_key, encoder_value))
+            query = torch.cat([attn.norm_added_q(encoder_query), query], dim=1)
+            key = torch.cat([attn.norm_added_k(encoder_key), key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=2)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=2)
+        if backend is None:
+            out = F.scaled_dot_product_attention(query, key, value)
+        else:
+            with torch.nn.attention.sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(query, key, value)
+        hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return hidden_states
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+
+_SDPA_BACKENDS = {None: None, "native": None, **{
+    f"_native_{name}": getattr(torch.nn.attention.SDPBackend, kind) for name, kind in (
+        ("cudnn", "CUDNN_ATTENTION"), ("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"),
+        ("math", "MATH"))}}
+
+
+def _sdpa_backend(backend):
+    """The SDPA backend a diffusers attention backend stands for: None for torch's own choice
+    (diffusers' "native"), False for a backend that is not torch's SDPA."""
+    return _SDPA_BACKENDS.get(getattr(backend, "value", backend), False)
+
+
+def strided_attention(model) -> None:
+    """StridedAttnProcessor in every block of `model` that runs diffusers' FluxAttnProcessor on
+    one of torch's SDPA backends (the attention backend set first)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    default = _AttentionBackendRegistry.get_active_backend()[0]   # what a processor with no backend uses
+    for block in repeated_blocks(model):
+        processor = block.attn.processor
+        if type(processor) is FluxAttnProcessor and _sdpa_backend(processor._attention_backend or default) is not False:
+            strided = StridedAttnProcessor()
+            strided._attention_backend = processor._attention_backend or default
+            strided._parallel_config = processor._parallel_config
+            block.attn.set_processor(strided)
 
 
 def repeated_blocks(model) -> list:

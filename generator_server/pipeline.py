@@ -251,6 +251,7 @@ class FluxGenerator:
                 from .precompiled import PrecompiledBlocks
 
                 blocks.fuse_products(self.transformer)
+                blocks.strided_attention(self.transformer)
                 modulation.install(self.transformer)
                 self.precompiled = PrecompiledBlocks()
                 self.precompiled.install(self.transformer)
@@ -272,6 +273,7 @@ class FluxGenerator:
             blocks.share_single_block_graphs(controlnet)
             if self.precompiled is not None:
                 blocks.fuse_products(controlnet)
+                blocks.strided_attention(controlnet)
                 modulation.install(controlnet)
                 self.precompiled.install(controlnet)
             else:

@@ -117,6 +117,33 @@ def test_fused_products_compute_what_the_stock_blocks_compute(tiny_checkpoints):
     assert not any(isinstance(m, (blocks.LinearGeluTanh, blocks.ConcatFreeLinear)) for m in turbo.transformer.modules())
 
 
+@pytest.mark.parametrize("backend", [None, "_native_math"])
+def test_strided_attention_computes_what_diffusers_attention_computes(tiny_checkpoints, backend):
+    """Attention on the layouts Inductor gives it (no contiguous copies) gives diffusers'
+    velocities, double and single blocks, transformer and ControlNet, with torch's own SDPA
+    choice and with a backend named; a backend that is not torch's SDPA keeps diffusers' processor."""
+    plain, strided = FluxGenerator(tiny_checkpoints), FluxGenerator(tiny_checkpoints)
+    for generator in (plain, strided):
+        for model in (generator.transformer, generator.controlnet):
+            if backend:
+                model.set_attention_backend(backend)
+    for model in (strided.transformer, strided.controlnet):
+        blocks.strided_attention(model)
+        processors = {type(b.attn.processor) for b in blocks.repeated_blocks(model)}
+        assert processors == {blocks.StridedAttnProcessor}, processors
+    expected, got = _velocities(plain), _velocities(strided)
+    assert len(got) == 3
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+    other = FluxGenerator(tiny_checkpoints)
+    for block in blocks.repeated_blocks(other.transformer):
+        block.attn.processor._attention_backend = "flex"   # not torch's SDPA: left as it is
+    blocks.strided_attention(other.transformer)
+    assert not any(isinstance(b.attn.processor, blocks.StridedAttnProcessor)
+                   for b in blocks.repeated_blocks(other.transformer))
+
+
 def test_modulation_computed_ahead_gives_the_images_of_one_product_a_step(tiny_checkpoints, monkeypatch):
     """The AdaLN products of many steps at once (the compiled path's) paint what one product a
     step paints: in a ControlNet mode with two images, and chunks of two steps, so the
