@@ -1,6 +1,6 @@
 """Per-step probe of the generator's speed options on one GPU, full-size random weights.
 
-  python bench/probe.py --out DIR [--sections peak,gemm,single_mlp,kernels,attention,step,vae,png,shapes,startup,restart,first_request] [--budget 540]
+  python bench/probe.py --out DIR [--sections peak,gemm,single_mlp,single_attention,kernels,attention,step,vae,png,shapes,startup,restart,first_request,served_steps] [--budget 540]
 
 Times one FLUX.1-dev transformer call at 1024x1024 (4096 image + 768 text tokens) for each
 option (eager, regional compile, fused QKV, Inductor flags, fp8 row/tensor-wise), with its
@@ -280,8 +280,10 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
     max-autotune for the products, epilogues fused), descent (Inductor's coordinate-descent tuning
     of its own kernels, as flux-fast sets it), stepmod (the AdaLN modulation products at every
     step, not ahead for many: modulation.py), unfused (diffusers' GELU kernels and proj_out
-    concatenation: blocks.fuse_products off), static and dynamic (torch.compile of the blocks with
-    static or symbolic token counts, not the generator's precompiled path)."""
+    concatenation: blocks.fuse_products off), copies (diffusers' attention processor, which copies
+    Q, K, V and the output into its own layouts: blocks.strided_attention off), static and
+    dynamic (torch.compile of the blocks with static or symbolic token counts, not the
+    generator's precompiled path)."""
     import gzip
     import shutil
 
@@ -308,7 +310,9 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
             inductor.max_autotune_gemm_backends = "ATEN,TRITON"
         inductor.coordinate_descent_tuning = inductor.coordinate_descent_check_all_directions = "descent" in words
         regional = bool(words & {"static", "dynamic"})
-        install, fuse = modulation.install, blocks.fuse_products
+        install, fuse, strided = modulation.install, blocks.fuse_products, blocks.strided_attention
+        if "copies" in words:   # diffusers' attention processor and its layout copies (blocks.strided_attention off)
+            blocks.strided_attention = lambda model: None
         if "stepmod" in words:   # the AdaLN products one step at a time, as before modulation.py
             modulation.install = lambda model: 0
         if "unfused" in words:   # diffusers' GELU kernels and concatenation, as before blocks.fuse_products
@@ -316,7 +320,7 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
         try:
             generator.optimize(SpeedOptions(compile=not regional, attention="_native_cudnn", turbo="turbo" in words))
         finally:
-            modulation.install, blocks.fuse_products = install, fuse
+            modulation.install, blocks.fuse_products, blocks.strided_attention = install, fuse, strided
         model = generator.transformer
         if modulation.modulated(model):
             modulation.ModulationSchedule([model], inputs["timestep"] * 1000, pooled=inputs["pooled_projections"],
@@ -356,6 +360,79 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
         generator = model = None
         inductor.max_autotune_gemm = inductor.coordinate_descent_tuning = False
         torch.cuda.empty_cache()
+
+
+def single_attention(out: Path) -> None:
+    """A single block's attention path alone (to_q/k/v, RMSNorm, RoPE, cuDNN attention, the
+    output flattened) at 4096 + 512 tokens, compiled, per layout of Q, K and V, with its kernels
+    (`top`); then cuDNN's attention alone on contiguous (B, H, S, D) inputs and on (B, S, H, D)
+    ones seen through a transpose. Asked why a single block's attention took 0.45 ms to a double
+    block's 0.40 ms in the served call: not the layout (every layout 0.43 ms alone), but the
+    card's power limit, which slows the same kernel as the call goes on (BENCHMARKS.md).
+    `heads_first` is what blocks.StridedAttnProcessor does."""
+    import torch._dynamo
+    import torch.nn.functional as F
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from diffusers.models.embeddings import apply_rotary_emb
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    model = FluxTransformer2DModel(num_layers=1, num_single_layers=1).to("cuda", torch.bfloat16)
+    model.set_attention_backend("_native_cudnn")
+    attn = model.single_transformer_blocks[0].attn
+    ids = torch.cat([torch.zeros(512, 3, device="cuda"),
+                     FluxPipeline._prepare_latent_image_ids(1, 64, 64, "cuda", torch.float32)])
+    rope = model.pos_embed(ids)
+    x = torch.randn(1, 4608, 3072, device="cuda", dtype=torch.bfloat16)
+
+    def qkv(x):
+        return [layer(x).unflatten(-1, (24, 128)) for layer in (attn.to_q, attn.to_k, attn.to_v)]
+
+    def diffusers_path(x):
+        return attn(hidden_states=x, image_rotary_emb=rope)
+
+    def views(x):   # (B, S, H, D) buffers, attention through transposed views
+        q, k, v = qkv(x)
+        q, k = (apply_rotary_emb(norm(t), rope, sequence_dim=1) for norm, t in ((attn.norm_q, q), (attn.norm_k, k)))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return o.transpose(1, 2).flatten(2)
+
+    def heads_first(x):   # Q and K in (B, H, S, D) from the norm on, V through a view
+        q, k, v = qkv(x)
+        q, k = (apply_rotary_emb(norm(t).transpose(1, 2), rope, sequence_dim=2)
+                for norm, t in ((attn.norm_q, q), (attn.norm_k, k)))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2))
+        return o.transpose(1, 2).flatten(2)
+
+    with torch.inference_mode():
+        reference = diffusers_path(x).float()
+        for name, fn in (("diffusers", diffusers_path), ("views", views), ("heads_first", heads_first)):
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, fullgraph=True)
+            first = once(lambda: compiled(x))
+            s = timed(lambda: compiled(x), 20, 3)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                compiled(x)
+                torch.cuda.synchronize()
+            raw = out / f"trace-single-attention-{name}.json"
+            prof.export_chrome_trace(str(raw))
+            summary = trace_summary(raw)
+            raw.unlink()
+            emit(out, section="single_attention", kind=name, seconds=s, first_call=first,
+                 max_abs_vs_diffusers=(compiled(x).float() - reference).abs().max().item(), **summary)
+        flops = 4 * 4608 * 4608 * 128 * 24
+        bhsd = [torch.randn(1, 24, 4608, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        bshd = [torch.randn(1, 4608, 24, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3)]
+        layouts = {"bhsd": bhsd, "bshd_views": bshd, "qk_bhsd_v_bshd": bhsd[:2] + bshd[2:],
+                   "q_bhsd_kv_bshd": bhsd[:1] + bshd[1:]}
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            for name, (q, k, v) in layouts.items():
+                s = timed(lambda: F.scaled_dot_product_attention(q, k, v), 30, 5)
+                o = F.scaled_dot_product_attention(q, k, v)
+                emit(out, section="single_attention", kind=f"cudnn_{name}", seconds=s, tflops=flops / s / 1e12,
+                     out_stride=list(o.stride()))
 
 
 def vae(out: Path) -> None:
@@ -559,6 +636,54 @@ def first_request(out: Path, checkpoints: str) -> None:
              phases={"first": jobs[0], "next": jobs[1]})
 
 
+def served_steps(out: Path, checkpoints: str) -> None:
+    """A served request's steps against the lone transformer call (`kernels`): 28-step
+    variations at 1024x1024 through `FluxGenerator.generate`, compiled as the generator serves,
+    at 512 text tokens and at 508 (the bench's request: the picture's 252 Qwen tokens and T5's
+    256), timed with the SM clock and power sampled by nvidia-smi meanwhile (sustained load may
+    lower the clock), then profiled: kernels by kind and the GPU's idle time, per step."""
+    import subprocess
+
+    from qwen2vl_flux.client.modes import Mode, resolve_parameters
+    from qwen2vl_flux.generator_server.pipeline import Conditioning, FluxGenerator, GenerationJob, SpeedOptions
+
+    torch._dynamo.reset()
+    generator = FluxGenerator(checkpoints, device="cuda", dtype=torch.bfloat16, random_weights="full")
+    generator.optimize(SpeedOptions(compile=True, attention="_native_cudnn"))
+    cfg = generator.fingerprint
+    params, _ = resolve_parameters(Mode.VARIATION, {"seed": 0, "steps": 28})
+    for text in (512, 508):
+        cond = Conditioning({"a": torch.randn(1, text, cfg.joint_attention_dim, device="cuda", dtype=torch.bfloat16)},
+                            None, torch.randn(1, cfg.pooled_dim, device="cuda", dtype=torch.bfloat16))
+
+        def run() -> dict:
+            job = GenerationJob(Mode.VARIATION, params, cond)
+            generator.generate(job)
+            return job.timings
+        emit(out, section="served_steps", text_tokens=text, kind="first", seconds=once(run))
+        sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu",
+                                    "--format=csv,noheader,nounits", "-lms", "100"],
+                                   stdout=subprocess.PIPE, text=True)
+        timings = [run() for _ in range(3)]
+        sampler.terminate()
+        samples = [[float(v) for v in line.split(",")] for line in sampler.communicate()[0].splitlines()
+                   if line.count(",") == 2]
+        clocks = sorted(c for c, _, _ in samples)
+        emit(out, section="served_steps", text_tokens=text, kind="timed",
+             denoise=[round(t["denoise"], 3) for t in timings], decode=[round(t["decode"], 3) for t in timings],
+             sm_clock_mhz={"min": clocks[0], "median": clocks[len(clocks) // 2], "max": clocks[-1]} if clocks else None,
+             power_w_max=max((p for _, p, _ in samples), default=None))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            run()
+        raw = out / f"trace-served-steps-{text}.json"
+        prof.export_chrome_trace(str(raw))
+        summary = trace_summary(raw)
+        raw.unlink()
+        emit(out, section="served_steps", text_tokens=text, kind="profiled", per_step_ms={
+            "span": round(summary["span_ms"] / 28, 2), "busy": round(summary["busy_ms"] / 28, 2),
+            **{k: round(v / 28, 2) for k, v in summary["by_kind_ms"].items()}}, **summary)
+
+
 def _generator_start(out: Path, name: str, checkpoints: str, *server_flags: str, python_flags: tuple = (),
                      sampled: bool = False) -> tuple[dict, str]:
     """Start a generator, wait for SERVING (or 240 s), stop it; its first log line of each kind,
@@ -641,7 +766,10 @@ def main() -> None:
     parser.add_argument("--kernel-variants", default="default,turbo,fused,autotune")
     parser.add_argument("--budget", type=float, default=540)
     parser.add_argument("--checkpoints", default="/tmp/tiny", help="tokenizers and configs (section shapes)")
+    parser.add_argument("--output-code", action="store_true", help="Inductor's generated code on stderr")
     args = parser.parse_args()
+    if args.output_code:
+        torch._logging.set_logs(output_code=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     emit(out, section="env", gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
@@ -650,16 +778,16 @@ def main() -> None:
             emit(out, section=section, skipped="budget")
             continue
         try:
-            if section in ("shapes", "startup", "restart", "first_request"):
-                {"shapes": shapes, "startup": startup, "restart": restart,
-                 "first_request": first_request}[section](out, args.checkpoints)
+            if section in ("shapes", "startup", "restart", "first_request", "served_steps"):
+                {"shapes": shapes, "startup": startup, "restart": restart, "first_request": first_request,
+                 "served_steps": served_steps}[section](out, args.checkpoints)
             elif section == "step":
                 step(out, args.budget, args.variants.split(","))
             elif section == "kernels":
                 kernels(out, args.checkpoints, args.kernel_variants.split(","), args.budget)
             else:
-                {"peak": peak, "gemm": gemm, "single_mlp": single_mlp, "attention": attention, "vae": vae, "png": png,
-                 "torchao": torchao_fp8}[section](out)
+                {"peak": peak, "gemm": gemm, "single_mlp": single_mlp, "single_attention": single_attention,
+                 "attention": attention, "vae": vae, "png": png, "torchao": torchao_fp8}[section](out)
         except Exception as e:  # noqa: BLE001
             emit(out, section=section, error=f"{type(e).__name__}: {e}"[:500])
         torch.cuda.empty_cache()
