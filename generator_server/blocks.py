@@ -5,15 +5,16 @@ so that every block of a class shares one compiled graph and fewer passes go ove
 - The tanh GELU after a bf16 or fp16 Linear runs in cuBLASLt's epilogue on the GPU
   (`LinearGeluTanh`): the GEMM writes the activation, and no kernel reads and writes the
   4608 x 12288 hidden states again. The GELU then sees the fp32 accumulator, not its bf16
-  rounding. fp32 layers keep the stock GELU: the epilogue's is 2.7 x further from float64 than
-  torch's in fp32 (tests/test_gpu.py), which bf16's rounding hides and fp32's would not.
+  rounding. fp32 layers keep torch's GELU: in fp32 the epilogue's was 2.7 x further from
+  float64 than torch's (BENCHMARKS.md), which bf16's rounding hides and fp32's would not.
 - A single block's proj_out takes the attention output and the MLP's hidden states as two
   products summed (`ConcatFreeLinear`), not as one product of their concatenation, which was a
   copy of 141 MB a block.
-These two change the rounding, not the math (bf16 noise; BENCHMARKS.md reports the image
-difference); turbo's fp8 layers keep diffusers' arrangement.
-- Attention takes Q, K and V in the layouts Inductor gives them (`StridedAttnProcessor`), with
-  bf16 and fp8 layers alike: the same values, fewer copies.
+- Attention takes Q, K and V in the layouts Inductor gives them (`StridedAttnProcessor`): the
+  same values, fewer copies.
+
+The two fused products change the rounding, not the math (bf16 noise; BENCHMARKS.md reports the
+image difference); turbo's fp8 layers keep diffusers' arrangement for them.
 """
 from __future__ import annotations
 
@@ -62,13 +63,14 @@ class StridedAttnProcessor:
     diffusers' attention backends take (B, S, H, D) and its cuDNN one hands SDPA contiguous
     (B, H, S, D) copies, so a single block's V was copied (its Q and K are rewritten by the norm
     and RoPE anyway) and every block's output came back (B, H, S, D), to be copied again for the
-    projection after it: at 4608 tokens on an H100, 35 us for V and 15 us for the output, 95
-    kernels a step. SDPA takes strided inputs and writes its
-    output in Q's layout, which Inductor then chooses to suit both sides. Q and K turn to
-    (B, H, S, D) right after their norm, so that the RoPE kernel writes them as attention reads
-    them. Installed for diffusers' backends that are torch's SDPA (native, _native_cudnn, ...);
-    masks, context parallelism and a backend set later that is not torch's SDPA go to diffusers'
-    processor."""
+    projection after it: at 4608 tokens on an H100, 17 us for V and 15 us for the output, 95
+    kernels a step. SDPA takes strided inputs and writes its output in Q's layout, which Inductor
+    then chooses to suit both sides. Q and K turn to (B, H, S, D) right after their norm, so that
+    the RoPE kernel writes them as attention reads them. Installed for diffusers' backends that
+    are torch's SDPA (native, _native_cudnn, ...). A call with a mask or context parallelism, or
+    after the backend was reset or set to one that is not torch's SDPA, goes to diffusers'
+    processor, as far as the call is traced or eager: a precompiled block graph (precompiled.py)
+    keeps the path it was compiled with, like everything else it assumes."""
 
     _attention_backend = None
     _parallel_config = None
@@ -110,7 +112,7 @@ class StridedAttnProcessor:
         return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
 
 
-_SDPA_BACKENDS = {None: None, "native": None, **{
+_SDPA_BACKENDS = {"native": None, **{
     f"_native_{name}": getattr(torch.nn.attention.SDPBackend, kind) for name, kind in (
         ("cudnn", "CUDNN_ATTENTION"), ("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"),
         ("math", "MATH"))}}
@@ -118,7 +120,8 @@ _SDPA_BACKENDS = {None: None, "native": None, **{
 
 def _sdpa_backend(backend):
     """The SDPA backend a diffusers attention backend stands for: None for torch's own choice
-    (diffusers' "native"), False for a backend that is not torch's SDPA."""
+    (diffusers' "native"), False for a backend that is not torch's SDPA or for none (after
+    `reset_attention_backend`, diffusers' processor follows the active backend)."""
     return _SDPA_BACKENDS.get(getattr(backend, "value", backend), False)
 
 

@@ -118,10 +118,15 @@ def test_fused_products_compute_what_the_stock_blocks_compute(tiny_checkpoints):
 
 
 @pytest.mark.parametrize("backend", [None, "_native_math"])
-def test_strided_attention_computes_what_diffusers_attention_computes(tiny_checkpoints, backend):
-    """Attention on the layouts Inductor gives it (no contiguous copies) gives diffusers'
-    velocities, double and single blocks, transformer and ControlNet, with torch's own SDPA
-    choice and with a backend named; a backend that is not torch's SDPA keeps diffusers' processor."""
+def test_strided_attention_computes_what_diffusers_attention_computes(tiny_checkpoints, backend, monkeypatch):
+    """Attention on the layouts Inductor gives it gives diffusers' velocities, double and single
+    blocks, transformer and ControlNet, with torch's own SDPA choice and with a backend named, V
+    reaching SDPA as a view, not a copy. A mask goes to diffusers' processor, and a backend that
+    is not torch's SDPA keeps it."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
     plain, strided = FluxGenerator(tiny_checkpoints), FluxGenerator(tiny_checkpoints)
     for generator in (plain, strided):
         for model in (generator.transformer, generator.controlnet):
@@ -131,10 +136,26 @@ def test_strided_attention_computes_what_diffusers_attention_computes(tiny_check
         blocks.strided_attention(model)
         processors = {type(b.attn.processor) for b in blocks.repeated_blocks(model)}
         assert processors == {blocks.StridedAttnProcessor}, processors
-    expected, got = _velocities(plain), _velocities(strided)
-    assert len(got) == 3
+    expected = _velocities(plain)
+    sdpa, v_layouts = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(query, key, value, *args, **kwargs):   # V is (B, H, S, D), stored (B, S, H, D)
+        v_layouts.append(value.stride(2) == value.shape[1] * value.shape[3])
+        return sdpa(query, key, value, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    got = _velocities(strided)
+    assert len(got) == 3 and v_layouts and all(v_layouts)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+    diffusers_calls, diffusers_call = [], FluxAttnProcessor.__call__
+    monkeypatch.setattr(FluxAttnProcessor, "__call__",
+                        lambda self, *a, **kw: diffusers_calls.append(1) or diffusers_call(self, *a, **kw))
+    attn = strided.transformer.single_transformer_blocks[0].attn
+    x = torch.randn(1, 10, attn.query_dim)
+    unmasked = attn(x)
+    torch.testing.assert_close(attn(x, attention_mask=torch.ones(1, 1, 10, 10, dtype=torch.bool)), unmasked)
+    assert diffusers_calls == [1]
 
     other = FluxGenerator(tiny_checkpoints)
     for block in blocks.repeated_blocks(other.transformer):
