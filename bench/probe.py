@@ -280,8 +280,8 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
     max-autotune for the products, epilogues fused), descent (Inductor's coordinate-descent tuning
     of its own kernels, as flux-fast sets it), stepmod (the AdaLN modulation products at every
     step, not ahead for many: modulation.py), unfused (diffusers' GELU kernels and proj_out
-    concatenation: blocks.fuse_products off), copies (diffusers' attention processor, which copies
-    Q, K, V and the output into its own layouts: blocks.strided_attention off), static and
+    concatenation: blocks.fuse_products off), copies (diffusers' attention processor, whose layouts
+    cost a copy of the single blocks' V and of every block's output: blocks.strided_attention off), static and
     dynamic (torch.compile of the blocks with static or symbolic token counts, not the
     generator's precompiled path)."""
     import gzip
@@ -369,7 +369,18 @@ def single_attention(out: Path) -> None:
     ones seen through a transpose. Asked why a single block's attention took 0.45 ms to a double
     block's 0.40 ms in the served call: not the layout (every layout 0.43 ms alone), but the
     card's power limit, which slows the same kernel as the call goes on (BENCHMARKS.md).
-    `heads_first` is what blocks.StridedAttnProcessor does."""
+    `heads_first` is what blocks.StridedAttnProcessor does. Leaves diffusers' active attention
+    backend as it found it."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    try:
+        _single_attention(out)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(active)
+
+
+def _single_attention(out: Path) -> None:
     import torch._dynamo
     import torch.nn.functional as F
     from diffusers import FluxPipeline, FluxTransformer2DModel
@@ -641,7 +652,8 @@ def served_steps(out: Path, checkpoints: str) -> None:
     variations at 1024x1024 through `FluxGenerator.generate`, compiled as the generator serves,
     at 512 text tokens and at 508 (the bench's request: the picture's 252 Qwen tokens and T5's
     256), timed with the SM clock and power sampled by nvidia-smi meanwhile (sustained load may
-    lower the clock), then profiled: kernels by kind and the GPU's idle time, per step."""
+    lower the clock), then profiled: the whole request's kernels by kind and the GPU's idle time,
+    and the denoise per step from the generator's stage timings."""
     import subprocess
 
     from qwen2vl_flux.client.modes import Mode, resolve_parameters
@@ -664,8 +676,10 @@ def served_steps(out: Path, checkpoints: str) -> None:
         sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu",
                                     "--format=csv,noheader,nounits", "-lms", "100"],
                                    stdout=subprocess.PIPE, text=True)
-        timings = [run() for _ in range(3)]
-        sampler.terminate()
+        try:
+            timings = [run() for _ in range(3)]
+        finally:
+            sampler.terminate()
         samples = [[float(v) for v in line.split(",")] for line in sampler.communicate()[0].splitlines()
                    if line.count(",") == 2]
         clocks = sorted(c for c, _, _ in samples)
@@ -674,14 +688,14 @@ def served_steps(out: Path, checkpoints: str) -> None:
              sm_clock_mhz={"min": clocks[0], "median": clocks[len(clocks) // 2], "max": clocks[-1]} if clocks else None,
              power_w_max=max((p for _, p, _ in samples), default=None))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            run()
+            timing = run()
         raw = out / f"trace-served-steps-{text}.json"
         prof.export_chrome_trace(str(raw))
-        summary = trace_summary(raw)
+        summary = trace_summary(raw)   # the whole request: preparation and VAE decode included
         raw.unlink()
-        emit(out, section="served_steps", text_tokens=text, kind="profiled", per_step_ms={
-            "span": round(summary["span_ms"] / 28, 2), "busy": round(summary["busy_ms"] / 28, 2),
-            **{k: round(v / 28, 2) for k, v in summary["by_kind_ms"].items()}}, **summary)
+        steps = 1000 * timing["denoise"] / 28
+        emit(out, section="served_steps", text_tokens=text, kind="profiled", denoise_ms_per_step=round(steps, 2),
+             **summary)
 
 
 def _generator_start(out: Path, name: str, checkpoints: str, *server_flags: str, python_flags: tuple = (),
