@@ -288,7 +288,7 @@ def generate(c: Client, seed: int) -> Image.Image:
 
 
 IN_CONTAINER = r"""
-import json, os
+import json, os, time
 out = {"uid": os.getuid(), "gid": os.getgid()}
 status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
 out["no_new_privs"] = status["NoNewPrivs"].strip()
@@ -302,7 +302,19 @@ for path in ("/models/probe", "/opt/venv/probe", "/etc/probe", "/tmp/probe", "/c
         out[path] = "writable"
     except OSError as e:
         out[path] = e.strerror
-out["uids"] = sorted({os.stat(f"/proc/{p}").st_uid for p in os.listdir("/proc") if p.isdigit()})
+def owners():
+    found = {}
+    for p in os.listdir("/proc"):
+        try:
+            found[p] = os.stat(f"/proc/{p}").st_uid if p.isdigit() else None
+        except FileNotFoundError:   # ended since the listing
+            pass
+    return found
+# The engine starts an exec (a health check, this probe) as root for a moment before it takes the
+# image's user: count the processes that keep their owner across a second.
+first = owners()
+time.sleep(1)
+out["uids"] = sorted({uid for p, uid in owners().items() if uid is not None and first.get(p) == uid})
 out["models"] = sorted(os.listdir("/models"))
 print(json.dumps(out))
 """
