@@ -112,10 +112,10 @@ class StridedAttnProcessor:
         return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
 
 
-_SDPA_BACKENDS = {"native": None, **{
-    f"_native_{name}": getattr(torch.nn.attention.SDPBackend, kind) for name, kind in (
-        ("cudnn", "CUDNN_ATTENTION"), ("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"),
-        ("math", "MATH"))}}
+_SDPBackend = torch.nn.attention.SDPBackend
+_SDPA_BACKENDS = {"native": None, "_native_cudnn": _SDPBackend.CUDNN_ATTENTION,
+                  "_native_flash": _SDPBackend.FLASH_ATTENTION, "_native_efficient": _SDPBackend.EFFICIENT_ATTENTION,
+                  "_native_math": _SDPBackend.MATH}
 
 
 def _sdpa_backend(backend):
@@ -134,10 +134,12 @@ def strided_attention(model) -> None:
     default = _AttentionBackendRegistry.get_active_backend()[0]   # what a processor with no backend uses
     for block in repeated_blocks(model):
         processor = block.attn.processor
-        if type(processor) is FluxAttnProcessor and _sdpa_backend(processor._attention_backend or default) is not False:
+        if type(processor) is not FluxAttnProcessor:
+            continue
+        backend = processor._attention_backend or default
+        if _sdpa_backend(backend) is not False:
             strided = StridedAttnProcessor()
-            strided._attention_backend = processor._attention_backend or default
-            strided._parallel_config = processor._parallel_config
+            strided._attention_backend, strided._parallel_config = backend, processor._parallel_config
             block.attn.set_processor(strided)
 
 

@@ -250,11 +250,8 @@ class FluxGenerator:
             if self._full_graphs:   # (the first-block cache's hooks call diffusers' own forward)
                 from .precompiled import PrecompiledBlocks
 
-                blocks.fuse_products(self.transformer)
-                blocks.strided_attention(self.transformer)
-                modulation.install(self.transformer)
                 self.precompiled = PrecompiledBlocks()
-                self.precompiled.install(self.transformer)
+                self._arrange_full_graph_blocks(self.transformer)
             else:
                 self.transformer.compile_repeated_blocks(fullgraph=False, dynamic=True)
 
@@ -272,13 +269,18 @@ class FluxGenerator:
         if options.compile:
             blocks.share_single_block_graphs(controlnet)
             if self.precompiled is not None:
-                blocks.fuse_products(controlnet)
-                blocks.strided_attention(controlnet)
-                modulation.install(controlnet)
-                self.precompiled.install(controlnet)
+                self._arrange_full_graph_blocks(controlnet)
             else:
                 for block in blocks.repeated_blocks(controlnet):
                     block.compile(fullgraph=False, dynamic=True)
+
+    def _arrange_full_graph_blocks(self, model) -> None:
+        """The transformer's or the ControlNet's blocks as they compile as whole graphs: fused
+        products, strided attention, modulation ahead of the steps, compiled ahead of time."""
+        blocks.fuse_products(model)
+        blocks.strided_attention(model)
+        modulation.install(model)
+        self.precompiled.install(model)
 
     def warm_up(self, modes: list[Mode], size: int = 1024, on_phase: Callable[..., None] | None = None) -> None:
         """Run each mode once (one step) at `size` x `size` so compilation happens before
