@@ -299,6 +299,7 @@ def cmd_serve(args) -> int:
                 server.process.terminate()
         for server in servers:
             server.stop()
+            server.remove_files()   # its port file's; the logs went to this terminal
 
 
 def main(argv: list[str] | None = None) -> int:

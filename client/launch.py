@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,6 +124,11 @@ class ServerProcess:
             self.process.kill()
             self.process.wait()
 
+    def remove_files(self) -> None:
+        """Remove the directory of its port file (and log, unless `log_path` was given), once
+        stopped: kept until then, and after a failure, so a failed start's log is there to read."""
+        shutil.rmtree(self._dir, ignore_errors=True)
+
 
 @contextlib.contextmanager
 def serving_pair(checkpoints: str | Path, on_serving=None):
@@ -140,3 +146,5 @@ def serving_pair(checkpoints: str | Path, on_serving=None):
     finally:
         for server in servers:
             server.stop()
+    for server in servers:   # not reached after a failure, whose message names the log
+        server.remove_files()

@@ -1,6 +1,7 @@
 """The README's main job: `qwen2vl-flux demo` from nothing to a PNG and the side-by-side picture."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -11,10 +12,13 @@ from qwen2vl_flux.client.cli import DEMO_INPUT
 
 
 def _demo(tmp_path, *args: str) -> list[str]:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     result = subprocess.run(
         [sys.executable, "-m", "qwen2vl_flux.client.cli", "demo", "--out", str(tmp_path / "out"), *args],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, TMPDIR=str(scratch)))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not list(scratch.glob("qwen2vl-flux-*"))   # the servers' logs go with them once the demo succeeded
     return [line for line in result.stdout.splitlines() if line.endswith(".png")]
 
 

@@ -32,7 +32,9 @@ def _free_port() -> int:
 
 def test_serve_then_generate_on_its_default_addresses_with_json_logs(tmp_path):
     encoder, generator = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, QWEN2VL_FLUX_ENCODER=encoder, QWEN2VL_FLUX_GENERATOR=generator)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = dict(os.environ, QWEN2VL_FLUX_ENCODER=encoder, QWEN2VL_FLUX_GENERATOR=generator, TMPDIR=str(scratch))
     out, err = tmp_path / "serve.out", tmp_path / "serve.err"
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         serve = subprocess.Popen([*CLI, "serve", "--log-format", "json"], env=env, stdout=stdout, stderr=stderr)
@@ -52,6 +54,7 @@ def test_serve_then_generate_on_its_default_addresses_with_json_logs(tmp_path):
         serve.send_signal(signal.SIGINT)
         code = serve.wait(60)
     assert code == 0
+    assert not list(scratch.glob("qwen2vl-flux-*"))   # the servers' port-file directories are gone
 
     lines = err.read_text().splitlines()
     records = []
