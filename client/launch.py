@@ -28,6 +28,9 @@ class ServerFailed(RuntimeError):
 
 
 class ServerProcess:
+    scratch_root: str | Path | None = None
+    """Where each server's directory (port file, log) is made; None: the system's temp directory."""
+
     def __init__(self, role: str, checkpoints: str | Path, *extra_args: str, log_path: str | Path | None = None,
                  env: dict | None = None, host: str = "127.0.0.1", port: int | None = None,
                  inherit_output: bool = False, python: str | None = None):
@@ -37,7 +40,7 @@ class ServerProcess:
         if role not in ("encoder", "generator"):
             raise ValueError(f"role must be encoder or generator, got {role!r}")
         self.role, self.checkpoints, self.extra_args = role, str(checkpoints), list(extra_args)
-        self._dir = tempfile.mkdtemp(prefix=f"qwen2vl-flux-{role}-")
+        self._dir = tempfile.mkdtemp(prefix=f"qwen2vl-flux-{role}-", dir=self.scratch_root)
         self.port_file = Path(self._dir) / "port"
         self.log_path = Path(log_path) if log_path else Path(self._dir) / "server.log"
         self.env = env

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from qwen2vl_flux.client import Client
-from qwen2vl_flux.client.launch import serving_pair
+from qwen2vl_flux.client.launch import ServerProcess, serving_pair
+
+
+@pytest.fixture(scope="session", autouse=True)
+def server_files_under_pytest_tmp(tmp_path_factory):
+    """Servers' port files and logs in pytest's temp directory, which pytest prunes, not in /tmp."""
+    ServerProcess.scratch_root = tmp_path_factory.mktemp("servers")
+    yield ServerProcess.scratch_root
+    ServerProcess.scratch_root = None
 
 
 @pytest.fixture(scope="session")

@@ -48,7 +48,7 @@ class Gateway:
     """`qwen2vl-flux-gateway` on a free loopback port, its JSON log in a file."""
 
     def __init__(self, encoder: str, generator: str, *args: str, scheme: str = "http", verify=True):
-        self.dir = Path(tempfile.mkdtemp(prefix="qwen2vl-flux-gateway-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="qwen2vl-flux-gateway-", dir=ServerProcess.scratch_root))
         self.log_path = self.dir / "gateway.log"
         port_file = self.dir / "port"
         with open(self.log_path, "ab") as log:
