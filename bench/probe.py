@@ -239,6 +239,21 @@ def single_mlp(out: Path) -> None:
                 emit(out, section="single_mlp", kind=name, error=f"{type(e).__name__}: {e}"[:500])
 
 
+def profiled_summary(prof, raw: Path, keep: bool = False) -> dict:
+    """`trace_summary` of a finished profile, exported to `raw`; kept gzipped beside it
+    (`raw`.gz) when `keep`, else removed."""
+    import gzip
+    import shutil
+
+    prof.export_chrome_trace(str(raw))
+    if keep:
+        with raw.open("rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    summary = trace_summary(raw)
+    raw.unlink()
+    return summary
+
+
 def trace_summary(path: Path) -> dict:
     """GPU time of one profiled call by kind of kernel, and how much of the span the GPU was idle."""
     import gzip
@@ -280,13 +295,10 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
     max-autotune for the products, epilogues fused), descent (Inductor's coordinate-descent tuning
     of its own kernels, as flux-fast sets it), stepmod (the AdaLN modulation products at every
     step, not ahead for many: modulation.py), unfused (diffusers' GELU kernels and proj_out
-    concatenation: blocks.fuse_products off), copies (diffusers' attention processor, whose layouts
-    cost a copy of the single blocks' V and of every block's output: blocks.strided_attention off), static and
-    dynamic (torch.compile of the blocks with static or symbolic token counts, not the
-    generator's precompiled path)."""
-    import gzip
-    import shutil
-
+    concatenation: blocks.fuse_products off), copies (diffusers' attention processor, whose
+    layouts cost a copy of the single blocks' V and of every block's output:
+    blocks.strided_attention off), static and dynamic (torch.compile of the blocks with static or
+    symbolic token counts, not the generator's precompiled path)."""
     import torch._dynamo
     import torch._inductor.config as inductor
     from torch.profiler import ProfilerActivity, profile
@@ -335,12 +347,8 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 model(**inputs)
                 torch.cuda.synchronize()
-            raw = out / f"trace-{variant}.json"
-            prof.export_chrome_trace(str(raw))
-            with raw.open("rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            raw.unlink()
-            emit(out, section="kernels", kind=variant, **trace_summary(Path(f"{raw}.gz")))
+            summary = profiled_summary(prof, out / f"trace-{variant}.json", keep=True)
+            emit(out, section="kernels", kind=variant, **summary)
             try:
                 reference = model(**inputs)[0].clone()
                 stream = torch.cuda.Stream()
@@ -427,10 +435,7 @@ def _single_attention(out: Path) -> None:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 compiled(x)
                 torch.cuda.synchronize()
-            raw = out / f"trace-single-attention-{name}.json"
-            prof.export_chrome_trace(str(raw))
-            summary = trace_summary(raw)
-            raw.unlink()
+            summary = profiled_summary(prof, out / f"trace-single-attention-{name}.json")
             emit(out, section="single_attention", kind=name, seconds=s, first_call=first,
                  max_abs_vs_diffusers=(compiled(x).float() - reference).abs().max().item(), **summary)
         flops = 4 * 4608 * 4608 * 128 * 24
@@ -689,10 +694,8 @@ def served_steps(out: Path, checkpoints: str) -> None:
              power_w_max=max((p for _, p, _ in samples), default=None))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             timing = run()
-        raw = out / f"trace-served-steps-{text}.json"
-        prof.export_chrome_trace(str(raw))
-        summary = trace_summary(raw)   # the whole request: preparation and VAE decode included
-        raw.unlink()
+        # the whole request: preparation and VAE decode included
+        summary = profiled_summary(prof, out / f"trace-served-steps-{text}.json")
         steps = 1000 * timing["denoise"] / 28
         emit(out, section="served_steps", text_tokens=text, kind="profiled", denoise_ms_per_step=round(steps, 2),
              **summary)
