@@ -295,10 +295,11 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
     max-autotune for the products, epilogues fused), descent (Inductor's coordinate-descent tuning
     of its own kernels, as flux-fast sets it), stepmod (the AdaLN modulation products at every
     step, not ahead for many: modulation.py), unfused (diffusers' GELU kernels and proj_out
-    concatenation: blocks.fuse_products off), copies (diffusers' attention processor, whose
-    layouts cost a copy of the single blocks' V and of every block's output:
-    blocks.strided_attention off), static and dynamic (torch.compile of the blocks with static or
-    symbolic token counts, not the generator's precompiled path)."""
+    concatenation: blocks.fuse_products off; with turbo, its arrangement before 2026-12-07 20:00Z),
+    unstacked (turbo's single blocks with four input products, not one: blocks.stack_inputs off),
+    copies (diffusers' attention processor, whose layouts cost a copy of the single blocks' V and of
+    every block's output: blocks.strided_attention off), static and dynamic (torch.compile of the
+    blocks with static or symbolic token counts, not the generator's precompiled path)."""
     import torch._dynamo
     import torch._inductor.config as inductor
     from torch.profiler import ProfilerActivity, profile
@@ -322,7 +323,10 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
             inductor.max_autotune_gemm_backends = "ATEN,TRITON"
         inductor.coordinate_descent_tuning = inductor.coordinate_descent_check_all_directions = "descent" in words
         regional = bool(words & {"static", "dynamic"})
-        install, fuse, strided = modulation.install, blocks.fuse_products, blocks.strided_attention
+        install, fuse, strided, stack = (modulation.install, blocks.fuse_products, blocks.strided_attention,
+                                         blocks.stack_inputs)
+        if "unstacked" in words:   # turbo's single blocks with four input products, as before blocks.stack_inputs
+            blocks.stack_inputs = lambda block: None
         if "copies" in words:   # diffusers' attention processor and its layout copies (blocks.strided_attention off)
             blocks.strided_attention = lambda model: None
         if "stepmod" in words:   # the AdaLN products one step at a time, as before modulation.py
@@ -332,7 +336,8 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
         try:
             generator.optimize(SpeedOptions(compile=not regional, attention="_native_cudnn", turbo="turbo" in words))
         finally:
-            modulation.install, blocks.fuse_products, blocks.strided_attention = install, fuse, strided
+            modulation.install, blocks.fuse_products, blocks.strided_attention, blocks.stack_inputs = \
+                install, fuse, strided, stack
         model = generator.transformer
         if modulation.modulated(model):
             modulation.ModulationSchedule([model], inputs["timestep"] * 1000, pooled=inputs["pooled_projections"],

@@ -9,12 +9,13 @@ so that every block of a class shares one compiled graph and fewer passes go ove
   float64 than torch's (BENCHMARKS.md), which bf16's rounding hides and fp32's would not.
 - A single block's proj_out takes the attention output and the MLP's hidden states as two
   products summed (`ConcatFreeLinear`), not as one product of their concatenation, which was a
-  copy of 141 MB a block.
+  copy of 141 MB a block. turbo's fp8 proj_out too: each part is quantized with its own rows'
+  range.
 - Attention takes Q, K and V in the layouts Inductor gives them (`StridedAttnProcessor`): the
   same values, fewer copies.
 
 The two fused products change the rounding, not the math (bf16 noise; BENCHMARKS.md reports the
-image difference); turbo's fp8 layers keep diffusers' arrangement for them.
+image difference).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from .fp8 import Fp8Linear
 
 
 class LinearGeluTanh(torch.nn.Module):
@@ -44,13 +47,17 @@ class LinearGeluTanh(torch.nn.Module):
 
 class ConcatFreeLinear(torch.nn.Module):
     """A Linear over cat([a, b], -1), computed as a W_a^T + b W_b^T + bias from column views of
-    its weight (no copy of the weight, none of the inputs)."""
+    its weight (no copy of the weight, none of the inputs). For turbo's fp8 layer each part is
+    quantized with its own rows' range, finer than the concatenation's one."""
 
-    def __init__(self, linear: torch.nn.Linear, split: int):
+    def __init__(self, linear: "torch.nn.Linear | Fp8Linear", split: int):
         super().__init__()
         self.linear, self.split = linear, split
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.linear, Fp8Linear):
+            return self.linear.columns(a, 0, self.split) + \
+                self.linear.columns(b, self.split, self.linear.in_features, bias=False)
         weight = self.linear.weight
         out = torch.addmm(self.linear.bias, a.reshape(-1, a.shape[-1]), weight[:, :self.split].t())
         out = torch.addmm(out, b.reshape(-1, b.shape[-1]), weight[:, self.split:].t())
@@ -75,7 +82,9 @@ class StridedAttnProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 projections=None):
+        """`projections`: a single block's Q, K and V computed already (`stack_inputs`)."""
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
@@ -84,8 +93,11 @@ class StridedAttnProcessor:
             fallback = FluxAttnProcessor()
             fallback._attention_backend, fallback._parallel_config = self._attention_backend, self._parallel_config
             return fallback(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states)
+        if projections is not None and encoder_hidden_states is None:
+            (query, key, value), encoder_query, encoder_key, encoder_value = projections, None, None, None
+        else:
+            query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+                attn, hidden_states, encoder_hidden_states)
         query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
         query, key = attn.norm_q(query), attn.norm_k(key)
         if attn.added_kv_proj_dim is not None:
@@ -179,9 +191,10 @@ def _plain_linear(module) -> bool:
 
 
 def fuse_products(model) -> None:
-    """The GELU epilogues and the concatenation-free proj_out in every block of `model` whose
-    layers are bf16 or fp32 Linears (not turbo's fp8 ones). Single blocks take the joint layout
-    first: only its forward hands proj_out its two inputs apart."""
+    """The GELU epilogues where a block's layers are bf16 or fp32 Linears, the
+    concatenation-free proj_out for those and turbo's fp8 ones, and turbo's products of one
+    input stacked. Single blocks take the joint layout first: only its forward hands proj_out
+    its two inputs apart."""
     from diffusers.models.activations import GELU
 
     share_single_block_graphs(model)
@@ -190,11 +203,38 @@ def fuse_products(model) -> None:
             up = ff.net[0]
             if type(up) is GELU and up.approximate == "tanh" and _plain_linear(up.proj):
                 ff.net[0] = LinearGeluTanh(up.proj)
+        stack_inputs(block)
     for block in model.single_transformer_blocks:
-        if isinstance(block, _single_block_in_joint_layout()) and _plain_linear(block.proj_mlp) \
-                and _plain_linear(block.proj_out) and block.act_mlp.approximate == "tanh":
+        if not isinstance(block, _single_block_in_joint_layout()):
+            continue
+        split = block.proj_out.in_features - block.mlp_hidden_dim
+        if _plain_linear(block.proj_mlp) and _plain_linear(block.proj_out) and block.act_mlp.approximate == "tanh":
             block.proj_mlp, block.act_mlp = LinearGeluTanh(block.proj_mlp), torch.nn.Identity()
-            block.proj_out = ConcatFreeLinear(block.proj_out, block.proj_out.in_features - block.mlp_hidden_dim)
+            block.proj_out = ConcatFreeLinear(block.proj_out, split)
+        elif type(block.proj_out) is Fp8Linear:
+            block.proj_out = ConcatFreeLinear(block.proj_out, split)
+            stack_inputs(block)
+
+
+def stack_inputs(block) -> None:
+    """turbo's fp8 products that share an input as one (`Fp8Linear.stacked`): the input
+    quantized once and one wide product, the same values. A double block's Q, K and V of each
+    stream (diffusers' fused projections), a single block's Q, K, V and MLP (`proj_in`)."""
+    attn = block.attn
+    qkv = [attn.to_q, attn.to_k, attn.to_v]
+    if not all(_row_fp8(layer) for layer in qkv):
+        return
+    if attn.added_kv_proj_dim is not None:
+        added = [attn.add_q_proj, attn.add_k_proj, attn.add_v_proj]
+        if all(_row_fp8(layer) for layer in added):
+            attn.to_qkv, attn.to_added_qkv = Fp8Linear.stacked(qkv), Fp8Linear.stacked(added)
+            attn.fused_projections = True
+    elif _row_fp8(block.proj_mlp):
+        block.proj_in = Fp8Linear.stacked(qkv + [block.proj_mlp])
+
+
+def _row_fp8(layer) -> bool:
+    return type(layer) is Fp8Linear and layer.granularity == "row"
 
 
 @functools.cache
@@ -215,9 +255,16 @@ def _single_block_in_joint_layout() -> type:
 
             residual = hidden_states
             norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
-            mlp_hidden_states = self.act_mlp(self.proj_mlp(norm_hidden_states))
-            attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
-                                    **(joint_attention_kwargs or {}))
+            kwargs = joint_attention_kwargs or {}
+            if getattr(self, "proj_in", None) is not None and isinstance(self.attn.processor, StridedAttnProcessor):
+                inner = self.attn.inner_dim
+                *projections, mlp = self.proj_in(norm_hidden_states).split_with_sizes(
+                    [inner, inner, inner, self.mlp_hidden_dim], dim=-1)
+                kwargs = dict(kwargs, projections=projections)
+            else:
+                mlp = self.proj_mlp(norm_hidden_states)
+            mlp_hidden_states = self.act_mlp(mlp)
+            attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **kwargs)
             if isinstance(self.proj_out, ConcatFreeLinear):
                 projected = self.proj_out(attn_output, mlp_hidden_states)
             else:

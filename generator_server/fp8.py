@@ -40,11 +40,43 @@ class Fp8Linear(torch.nn.Module):
         self.register_buffer("weight_scale", scale.reshape(1, -1) if granularity == "row" else scale)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
 
+    @classmethod
+    def stacked(cls, layers: "list[Fp8Linear]") -> "Fp8Linear":
+        """One layer whose outputs are those of `layers` (row-scaled, one input) side by side:
+        the input quantized once and one product, the same values. The layers' weights become
+        views of the stacked one, so they keep working and cost no memory."""
+        if any(layer.granularity != "row" or layer.in_features != layers[0].in_features for layer in layers):
+            raise ValueError("only row-scaled fp8 layers of one input size stack")
+        stacked = cls.__new__(cls)
+        torch.nn.Module.__init__(stacked)
+        stacked.in_features, stacked.granularity = layers[0].in_features, "row"
+        stacked.out_features = sum(layer.out_features for layer in layers)
+        stacked.register_buffer("weight", torch.cat([layer.weight for layer in layers]))
+        stacked.register_buffer("weight_scale", torch.cat([layer.weight_scale for layer in layers], dim=1))
+        biases = [layer.bias if layer.bias is not None else
+                  torch.zeros(layer.out_features, dtype=layers[0].bias.dtype, device=layer.weight.device)
+                  for layer in layers] if any(layer.bias is not None for layer in layers) else None
+        stacked.bias = None if biases is None else torch.nn.Parameter(torch.cat(biases), requires_grad=False)
+        start = 0
+        for layer in layers:
+            stop = start + layer.out_features
+            layer.weight, layer.weight_scale = stacked.weight[start:stop], stacked.weight_scale[:, start:stop]
+            if layer.bias is not None:
+                layer.bias = torch.nn.Parameter(stacked.bias[start:stop], requires_grad=False)
+            start = stop
+        return stacked
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
+        return self.columns(x, 0, self.in_features)
+
+    def columns(self, x: torch.Tensor, start: int, stop: int, bias: bool = True) -> torch.Tensor:
+        """x W[:, start:stop]^T (+ b): the product with a range of the weight's columns (a view),
+        x scaled by its own rows' range."""
+        rows = x.reshape(-1, stop - start)
         scale = _scale(rows, self.granularity)
-        out = torch._scaled_mm(_quantize(rows, scale), self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
-                               bias=self.bias, out_dtype=x.dtype, use_fast_accum=rows.is_cuda)
+        out = torch._scaled_mm(_quantize(rows, scale), self.weight[:, start:stop].t(), scale_a=scale,
+                               scale_b=self.weight_scale, bias=self.bias if bias else None, out_dtype=x.dtype,
+                               use_fast_accum=rows.is_cuda)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

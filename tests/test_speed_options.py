@@ -94,10 +94,12 @@ def _velocities(generator: FluxGenerator) -> list[torch.Tensor]:
     return outputs
 
 
-def test_fused_products_compute_what_the_stock_blocks_compute(tiny_checkpoints):
+def test_fused_products_compute_what_the_stock_blocks_compute(tiny_checkpoints, monkeypatch):
     """The concatenation-free proj_out (the compiled path's blocks; the GELU epilogue is the GPU's,
-    tests/test_gpu.py) gives diffusers' velocities to rounding, the ControlNet's blocks included;
-    fp8 layers keep diffusers' arrangement."""
+    tests/test_gpu.py) gives diffusers' velocities to rounding, the ControlNet's blocks included.
+    turbo's fp8 layers take the concatenation-free proj_out, each part with its own scales (as
+    close to the full-precision velocities as turbo's concatenated product is), and a single
+    block's four input products as one (the same values, bitwise, on the CPU)."""
     plain, fused = FluxGenerator(tiny_checkpoints), FluxGenerator(tiny_checkpoints)
     for model in (fused.transformer, fused.controlnet):
         blocks.fuse_products(model)
@@ -110,11 +112,25 @@ def test_fused_products_compute_what_the_stock_blocks_compute(tiny_checkpoints):
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
-    turbo = FluxGenerator(tiny_checkpoints)
-    quantize_linears(turbo.transformer)
-    blocks.fuse_products(turbo.transformer)
-    assert isinstance(turbo.transformer.single_transformer_blocks[0].proj_out, Fp8Linear)
-    assert not any(isinstance(m, (blocks.LinearGeluTanh, blocks.ConcatFreeLinear)) for m in turbo.transformer.modules())
+    turbo, split, stacked = (FluxGenerator(tiny_checkpoints) for _ in range(3))
+    for generator in (turbo, split, stacked):
+        quantize_linears(generator.transformer)
+        blocks.share_single_block_graphs(generator.transformer)
+        blocks.strided_attention(generator.transformer)
+    blocks.fuse_products(stacked.transformer)
+    with monkeypatch.context() as patch:
+        patch.setattr(blocks, "stack_inputs", lambda block: None)
+        blocks.fuse_products(split.transformer)
+    single = stacked.transformer.single_transformer_blocks[0]
+    assert isinstance(single.proj_out, blocks.ConcatFreeLinear) and isinstance(single.proj_out.linear, Fp8Linear)
+    assert single.proj_in.out_features == 3 * single.attn.inner_dim + single.mlp_hidden_dim
+    assert single.attn.to_k.weight.data_ptr() == single.proj_in.weight[single.attn.inner_dim:].data_ptr()
+    double = stacked.transformer.transformer_blocks[0].attn
+    assert double.fused_projections and isinstance(double.to_added_qkv, Fp8Linear)
+    assert not any(isinstance(m, blocks.LinearGeluTanh) for m in stacked.transformer.modules())
+    for e, t, s, f in zip(expected, _velocities(turbo), _velocities(split), _velocities(stacked)):
+        assert not torch.equal(t, s) and torch.equal(s, f)
+        assert (s - e).norm() < 1.25 * (t - e).norm() and (s - e).norm() < 0.1 * e.norm()
 
 
 @pytest.mark.parametrize("backend", [None, "_native_math"])
