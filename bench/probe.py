@@ -296,10 +296,10 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
     of its own kernels, as flux-fast sets it), stepmod (the AdaLN modulation products at every
     step, not ahead for many: modulation.py), unfused (diffusers' GELU kernels and proj_out
     concatenation: blocks.fuse_products off; with turbo, its arrangement before 2026-12-07 20:00Z),
-    unstacked (turbo's single blocks with four input products, not one: blocks.stack_inputs off),
-    copies (diffusers' attention processor, whose layouts cost a copy of the single blocks' V and of
-    every block's output: blocks.strided_attention off), static and dynamic (torch.compile of the
-    blocks with static or symbolic token counts, not the generator's precompiled path)."""
+    unstacked (turbo's products of one input apart: blocks.stack_inputs off), copies (diffusers'
+    attention processor, whose layouts cost a copy of the single blocks' V and of every block's
+    output: blocks.strided_attention off), static and dynamic (torch.compile of the blocks with
+    static or symbolic token counts, not the generator's precompiled path)."""
     import torch._dynamo
     import torch._inductor.config as inductor
     from torch.profiler import ProfilerActivity, profile
@@ -325,7 +325,7 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
         regional = bool(words & {"static", "dynamic"})
         install, fuse, strided, stack = (modulation.install, blocks.fuse_products, blocks.strided_attention,
                                          blocks.stack_inputs)
-        if "unstacked" in words:   # turbo's single blocks with four input products, as before blocks.stack_inputs
+        if "unstacked" in words:   # turbo's products of one input apart, as before blocks.stack_inputs
             blocks.stack_inputs = lambda block: None
         if "copies" in words:   # diffusers' attention processor and its layout copies (blocks.strided_attention off)
             blocks.strided_attention = lambda model: None

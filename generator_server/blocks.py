@@ -9,8 +9,9 @@ so that every block of a class shares one compiled graph and fewer passes go ove
   float64 than torch's (BENCHMARKS.md), which bf16's rounding hides and fp32's would not.
 - A single block's proj_out takes the attention output and the MLP's hidden states as two
   products summed (`ConcatFreeLinear`), not as one product of their concatenation, which was a
-  copy of 141 MB a block. turbo's fp8 proj_out too: each part is quantized with its own rows'
-  range.
+  copy of 141 MB a block; turbo's fp8 one as two fp8 products (`ConcatFreeFp8Linear`), each part
+  quantized with its own rows' range.
+- turbo's fp8 products that read one input are one product (`stack_inputs`).
 - Attention takes Q, K and V in the layouts Inductor gives them (`StridedAttnProcessor`): the
   same values, fewer copies.
 
@@ -47,21 +48,30 @@ class LinearGeluTanh(torch.nn.Module):
 
 class ConcatFreeLinear(torch.nn.Module):
     """A Linear over cat([a, b], -1), computed as a W_a^T + b W_b^T + bias from column views of
-    its weight (no copy of the weight, none of the inputs). For turbo's fp8 layer each part is
-    quantized with its own rows' range, finer than the concatenation's one."""
+    its weight (no copy of the weight, none of the inputs)."""
 
-    def __init__(self, linear: "torch.nn.Linear | Fp8Linear", split: int):
+    def __init__(self, linear: torch.nn.Linear, split: int):
         super().__init__()
         self.linear, self.split = linear, split
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.linear, Fp8Linear):
-            return self.linear.columns(a, 0, self.split) + \
-                self.linear.columns(b, self.split, self.linear.in_features, bias=False)
         weight = self.linear.weight
         out = torch.addmm(self.linear.bias, a.reshape(-1, a.shape[-1]), weight[:, :self.split].t())
         out = torch.addmm(out, b.reshape(-1, b.shape[-1]), weight[:, self.split:].t())
         return out.reshape(*a.shape[:-1], out.shape[-1])
+
+
+class ConcatFreeFp8Linear(torch.nn.Module):
+    """turbo's fp8 Linear over cat([a, b], -1) as two fp8 products summed
+    (`Fp8Linear.split_columns`): each part quantized with its own rows' range, finer than the
+    concatenation's."""
+
+    def __init__(self, linear: Fp8Linear, split: int):
+        super().__init__()
+        self.first, self.second = linear.split_columns(split)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.first(a) + self.second(b)
 
 
 class StridedAttnProcessor:
@@ -84,7 +94,9 @@ class StridedAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  projections=None):
-        """`projections`: a single block's Q, K and V computed already (`stack_inputs`)."""
+        """`projections`: a single block's Q, K and V computed already (`stack_inputs`); the
+        fallback to diffusers' processor computes them again from the layers (views of the
+        stacked weight), so the values stay the same."""
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
@@ -207,22 +219,21 @@ def fuse_products(model) -> None:
     for block in model.single_transformer_blocks:
         if not isinstance(block, _single_block_in_joint_layout()):
             continue
-        split = block.proj_out.in_features - block.mlp_hidden_dim
         if _plain_linear(block.proj_mlp) and _plain_linear(block.proj_out) and block.act_mlp.approximate == "tanh":
             block.proj_mlp, block.act_mlp = LinearGeluTanh(block.proj_mlp), torch.nn.Identity()
-            block.proj_out = ConcatFreeLinear(block.proj_out, split)
+            block.proj_out = ConcatFreeLinear(block.proj_out, block.proj_out.in_features - block.mlp_hidden_dim)
         elif type(block.proj_out) is Fp8Linear:
-            block.proj_out = ConcatFreeLinear(block.proj_out, split)
+            block.proj_out = ConcatFreeFp8Linear(block.proj_out, block.proj_out.in_features - block.mlp_hidden_dim)
             stack_inputs(block)
 
 
 def stack_inputs(block) -> None:
     """turbo's fp8 products that share an input as one (`Fp8Linear.stacked`): the input
-    quantized once and one wide product, the same values. A double block's Q, K and V of each
-    stream (diffusers' fused projections), a single block's Q, K, V and MLP (`proj_in`)."""
+    quantized once and one wide product of the same weights. A double block's Q, K and V of
+    each stream (diffusers' fused projections), a single block's Q, K, V and MLP (`proj_in`)."""
     attn = block.attn
     qkv = [attn.to_q, attn.to_k, attn.to_v]
-    if not all(_row_fp8(layer) for layer in qkv):
+    if attn.fused_projections or hasattr(block, "proj_in") or not all(_row_fp8(layer) for layer in qkv):
         return
     if attn.added_kv_proj_dim is not None:
         added = [attn.add_q_proj, attn.add_k_proj, attn.add_v_proj]
@@ -265,7 +276,7 @@ def _single_block_in_joint_layout() -> type:
                 mlp = self.proj_mlp(norm_hidden_states)
             mlp_hidden_states = self.act_mlp(mlp)
             attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **kwargs)
-            if isinstance(self.proj_out, ConcatFreeLinear):
+            if isinstance(self.proj_out, (ConcatFreeLinear, ConcatFreeFp8Linear)):
                 projected = self.proj_out(attn_output, mlp_hidden_states)
             else:
                 projected = self.proj_out(torch.cat([attn_output, mlp_hidden_states], dim=2))

@@ -33,30 +33,40 @@ class Fp8Linear(torch.nn.Module):
         super().__init__()
         if granularity not in GRANULARITIES:
             raise ValueError(f"fp8 granularity must be one of {GRANULARITIES}, not {granularity!r}")
-        self.in_features, self.out_features, self.granularity = linear.in_features, linear.out_features, granularity
         weight = linear.weight.detach()
         scale = _scale(weight, granularity)                       # (out, 1) or ()
-        self.register_buffer("weight", _quantize(weight, scale))  # (out, in), row-major
-        self.register_buffer("weight_scale", scale.reshape(1, -1) if granularity == "row" else scale)
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self._hold(_quantize(weight, scale), scale.reshape(1, -1) if granularity == "row" else scale,
+                   linear.bias, granularity)
+
+    def _hold(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+              granularity: str) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.granularity = granularity
+        self.register_buffer("weight", weight)                   # (out, in), row-major
+        self.register_buffer("weight_scale", weight_scale)       # (1, out) or ()
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def _of(cls, weight, weight_scale, bias, granularity: str) -> "Fp8Linear":
+        layer = cls.__new__(cls)
+        torch.nn.Module.__init__(layer)
+        layer._hold(weight, weight_scale, bias, granularity)
+        return layer
 
     @classmethod
     def stacked(cls, layers: "list[Fp8Linear]") -> "Fp8Linear":
         """One layer whose outputs are those of `layers` (row-scaled, one input) side by side:
-        the input quantized once and one product, the same values. The layers' weights become
-        views of the stacked one, so they keep working and cost no memory."""
+        the input quantized once and one product of the same weights (bitwise the same values on
+        the CPU). The layers' weights become views of the stacked one, so they keep working and
+        cost no memory; a later `.to()` would copy each view apart."""
         if any(layer.granularity != "row" or layer.in_features != layers[0].in_features for layer in layers):
             raise ValueError("only row-scaled fp8 layers of one input size stack")
-        stacked = cls.__new__(cls)
-        torch.nn.Module.__init__(stacked)
-        stacked.in_features, stacked.granularity = layers[0].in_features, "row"
-        stacked.out_features = sum(layer.out_features for layer in layers)
-        stacked.register_buffer("weight", torch.cat([layer.weight for layer in layers]))
-        stacked.register_buffer("weight_scale", torch.cat([layer.weight_scale for layer in layers], dim=1))
-        biases = [layer.bias if layer.bias is not None else
-                  torch.zeros(layer.out_features, dtype=layers[0].bias.dtype, device=layer.weight.device)
-                  for layer in layers] if any(layer.bias is not None for layer in layers) else None
-        stacked.bias = None if biases is None else torch.nn.Parameter(torch.cat(biases), requires_grad=False)
+        biased = [layer.bias for layer in layers if layer.bias is not None]
+        bias = None if not biased else torch.cat([
+            torch.zeros(layer.out_features, dtype=biased[0].dtype, device=biased[0].device)
+            if layer.bias is None else layer.bias for layer in layers])
+        stacked = cls._of(torch.cat([layer.weight for layer in layers]),
+                          torch.cat([layer.weight_scale for layer in layers], dim=1), bias, "row")
         start = 0
         for layer in layers:
             stop = start + layer.out_features
@@ -66,17 +76,19 @@ class Fp8Linear(torch.nn.Module):
             start = stop
         return stacked
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.columns(x, 0, self.in_features)
+    def split_columns(self, split: int) -> "tuple[Fp8Linear, Fp8Linear]":
+        """Two layers over the input's columns [:split] and [split:], the bias in the first: their
+        outputs sum to this layer's on the concatenation (each input with scales of its own). The
+        weights are contiguous copies: fp8 products read a column slice's stride only on Hopper
+        (torch's sm89 kernel assumes a packed weight)."""
+        return (Fp8Linear._of(self.weight[:, :split].contiguous(), self.weight_scale, self.bias, self.granularity),
+                Fp8Linear._of(self.weight[:, split:].contiguous(), self.weight_scale, None, self.granularity))
 
-    def columns(self, x: torch.Tensor, start: int, stop: int, bias: bool = True) -> torch.Tensor:
-        """x W[:, start:stop]^T (+ b): the product with a range of the weight's columns (a view),
-        x scaled by its own rows' range."""
-        rows = x.reshape(-1, stop - start)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
         scale = _scale(rows, self.granularity)
-        out = torch._scaled_mm(_quantize(rows, scale), self.weight[:, start:stop].t(), scale_a=scale,
-                               scale_b=self.weight_scale, bias=self.bias if bias else None, out_dtype=x.dtype,
-                               use_fast_accum=rows.is_cuda)
+        out = torch._scaled_mm(_quantize(rows, scale), self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
+                               bias=self.bias, out_dtype=x.dtype, use_fast_accum=rows.is_cuda)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

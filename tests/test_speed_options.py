@@ -122,7 +122,8 @@ def test_fused_products_compute_what_the_stock_blocks_compute(tiny_checkpoints, 
         patch.setattr(blocks, "stack_inputs", lambda block: None)
         blocks.fuse_products(split.transformer)
     single = stacked.transformer.single_transformer_blocks[0]
-    assert isinstance(single.proj_out, blocks.ConcatFreeLinear) and isinstance(single.proj_out.linear, Fp8Linear)
+    assert isinstance(single.proj_out, blocks.ConcatFreeFp8Linear)
+    assert single.proj_out.first.weight.is_contiguous() and single.proj_out.second.bias is None
     assert single.proj_in.out_features == 3 * single.attn.inner_dim + single.mlp_hidden_dim
     assert single.attn.to_k.weight.data_ptr() == single.proj_in.weight[single.attn.inner_dim:].data_ptr()
     double = stacked.transformer.transformer_blocks[0].attn
@@ -307,6 +308,28 @@ def test_fp8_linear_matches_the_full_precision_layer_within_fp8_error():
         out, ref = Fp8Linear(linear, granularity)(x), linear(x)
         assert out.shape == ref.shape and out.dtype == ref.dtype
         assert ((out - ref).norm() / ref.norm()).item() < 0.06
+
+
+def test_stacked_and_split_fp8_layers_compute_what_their_layers_compute():
+    """`Fp8Linear.stacked` (one input, one product) gives each layer's output, bitwise on the CPU,
+    a bias-less layer among them, and leaves the layers as views of its weight; `split_columns`
+    parts sum to the layer's output within fp8 error, the bias counted once."""
+    torch.manual_seed(0)
+    layers = [Fp8Linear(torch.nn.Linear(64, n, bias=n != 32)) for n in (32, 48, 16)]
+    x = torch.randn(2, 5, 64)
+    expected = [layer(x) for layer in layers]
+    stacked = Fp8Linear.stacked(layers)
+    for e, got, layer in zip(expected, stacked(x).split([32, 48, 16], dim=-1), layers):
+        assert torch.equal(got, e) and torch.equal(layer(x), e)
+    assert layers[1].weight.data_ptr() == stacked.weight[32:].data_ptr() and layers[0].bias is None
+    with pytest.raises(ValueError, match="row-scaled"):
+        Fp8Linear.stacked([layers[0], Fp8Linear(torch.nn.Linear(64, 8), "tensor")])
+
+    linear = torch.nn.Linear(96, 24)
+    first, second = Fp8Linear(linear).split_columns(40)
+    a, b = torch.randn(3, 40), torch.randn(3, 56)
+    ref = linear(torch.cat([a, b], -1))
+    assert second.bias is None and ((first(a) + second(b) - ref).norm() / ref.norm()).item() < 0.06
 
 
 def test_turbo_quantizes_the_transformer_except_what_stays_precise(tiny_checkpoints):
