@@ -1,5 +1,6 @@
 """Image difference of each lossy speed option from the lossless path, on the trained demo
-model (CPU is enough; fp32 weights, fp8 Linear layers through torch._scaled_mm).
+model (CPU is enough; fp32 weights, fp8 Linear layers through torch._scaled_mm, arranged as the
+compiled path arranges turbo's blocks: generator_server/blocks.py).
 
   python bench/quality.py [--checkpoints checkpoints/demo] [--seeds 1,2,3] [--size 128]
 
@@ -20,6 +21,7 @@ from PIL import Image
 from qwen2vl_flux.client.cli import DEMO_INPUT
 from qwen2vl_flux.client.modes import Mode, resolve_parameters
 from qwen2vl_flux.encoder_server.model import Qwen2VLFluxEncoder
+from qwen2vl_flux.generator_server import blocks
 from qwen2vl_flux.generator_server.pipeline import (Conditioning, FluxGenerator, GenerationJob, SpeedOptions,
                                                     StepCache)
 
@@ -65,6 +67,9 @@ def main() -> None:
     for name, options in OPTIONS.items():
         generator = FluxGenerator(args.checkpoints)
         generator.optimize(options)
+        if options.turbo:   # the fp8 blocks as the compiled path arranges them (eager here)
+            blocks.fuse_products(generator.transformer)
+            blocks.strided_attention(generator.transformer)
         got = images(generator)
         skipped = len(options.step_cache.skipped(STEPS)) if options.step_cache else 0
         scores = [psnr(a, b) for a, b in zip(got, reference)]
