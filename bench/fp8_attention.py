@@ -45,7 +45,40 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 
 
 CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-           for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
+           for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
+
+
+@triton.jit
+def _tile(acc, m_i, l_i, q, c_q, start_n, K, KS, V, ks_base, base, N, offs_n, offs_d, HEAD_DIM: tl.constexpr,
+          BLOCK_M: tl.constexpr, PV_FP8: tl.constexpr, MASKED: tl.constexpr):
+    """One K/V tile of the online softmax. The scales fold into the exponent's one multiply-add;
+    only the last, partial tile pays for masks."""
+    cols = start_n + offs_n
+    if MASKED:
+        k = tl.load(K + base + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=cols[:, None] < N, other=0.0)
+    else:
+        k = tl.load(K + base + cols[:, None] * HEAD_DIM + offs_d[None, :])
+    c = c_q * tl.load(KS + ks_base + start_n // BLOCK_M)
+    s = tl.dot(q, tl.trans(k))
+    if MASKED:
+        s = tl.where(cols[None, :] < N, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * c)
+    p = tl.math.exp2(s * c - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if PV_FP8:   # V stored transposed, e4m3
+        if MASKED:
+            vt = tl.load(V + base + offs_d[:, None] * N + cols[None, :], mask=cols[None, :] < N, other=0.0)
+        else:
+            vt = tl.load(V + base + offs_d[:, None] * N + cols[None, :])
+        acc = acc * alpha[:, None] + tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(vt))
+    else:
+        if MASKED:
+            v = tl.load(V + base + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=cols[:, None] < N, other=0.0)
+        else:
+            v = tl.load(V + base + cols[:, None] * HEAD_DIM + offs_d[None, :])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -59,27 +92,17 @@ def _forward_kernel(Q, QS, K, KS, V, VS, O, N, sm_scale, HEAD_DIM: tl.constexpr,
     offs_d = tl.arange(0, HEAD_DIM)
     base = bh.to(tl.int64) * N * HEAD_DIM
     q = tl.load(Q + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
-    q_scale = tl.load(QS + bh * n_blocks + start_m) * sm_scale * 1.4426950408889634   # log2(e)
+    c_q = tl.load(QS + bh * n_blocks + start_m) * sm_scale * 1.4426950408889634   # log2(e)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        cols = start_n + offs_n
-        k = tl.load(K + base + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=cols[:, None] < N, other=0.0)
-        k_scale = tl.load(KS + bh * n_blocks + start_n // BLOCK_M)
-        s = tl.dot(q, tl.trans(k)) * (q_scale * k_scale)
-        s = tl.where(cols[None, :] < N, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if PV_FP8:   # V stored transposed, e4m3
-            vt = tl.load(V + base + offs_d[:, None] * N + cols[None, :], mask=cols[None, :] < N, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(vt))
-        else:
-            v = tl.load(V + base + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=cols[:, None] < N, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, c_q, start_n, K, KS, V, bh * n_blocks, base, N, offs_n, offs_d,
+                              HEAD_DIM, BLOCK_M, PV_FP8, False)
+    if n_full < N:
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, c_q, n_full, K, KS, V, bh * n_blocks, base, N, offs_n, offs_d,
+                              HEAD_DIM, BLOCK_M, PV_FP8, True)
     if PV_FP8:
         out = acc * (tl.load(VS + bh) / 448.0 / l_i)[:, None]
     else:
