@@ -290,10 +290,12 @@ def trace_summary(path: Path) -> dict:
 def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -> None:
     """One transformer call of the generator as it serves (compiled blocks, cuDNN attention) at
     4096 + 512 tokens: its time, a profile of its kernels by kind (trace kept as
-    OUT/trace-VARIANT.json.gz), and the same call replayed as one CUDA graph. Variants: default,
+    OUT/trace-VARIANT.json.gz, "+" as "_"), and the same call replayed as one CUDA graph. Variants: default,
     turbo (fp8 linears), fused (diffusers' fused QKV projections), autotune (Inductor's
     max-autotune for the products, epilogues fused), descent (Inductor's coordinate-descent tuning
-    of its own kernels, as flux-fast sets it), stepmod (the AdaLN modulation products at every
+    of its own kernels, as flux-fast sets it), multikernel (Inductor's multi_kernel: a reduction up
+    to 16 x longer, such as turbo's amax over a GELU row of 12288, also gets a one-pass persistent
+    kernel, and the faster of the two is picked at run time), stepmod (the AdaLN modulation products at every
     step, not ahead for many: modulation.py), unfused (diffusers' GELU kernels and proj_out
     concatenation: blocks.fuse_products off; with turbo, its arrangement before 2026-12-07 20:00Z),
     unstacked (turbo's products of one input apart: blocks.stack_inputs off), copies (diffusers'
@@ -308,6 +310,7 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
     from qwen2vl_flux.generator_server.pipeline import FluxGenerator, SpeedOptions
 
     inputs = transformer_inputs(text=512)
+    backends = inductor.max_autotune_gemm_backends
     for variant in variants:
         if time.perf_counter() - START > deadline:
             emit(out, section="kernels", kind=variant, skipped="budget")
@@ -318,9 +321,10 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
         generator = FluxGenerator(checkpoints, device="cuda", dtype=torch.bfloat16, random_weights="full")
         if "fused" in words:
             generator.transformer.fuse_qkv_projections()
-        if "autotune" in words:
-            inductor.max_autotune_gemm = True
-            inductor.max_autotune_gemm_backends = "ATEN,TRITON"
+        # Inductor's flags set for every variant, so none outlives the variant that asked for it
+        inductor.max_autotune_gemm = "autotune" in words
+        inductor.max_autotune_gemm_backends = "ATEN,TRITON" if "autotune" in words else backends
+        inductor.triton.multi_kernel = int("multikernel" in words)
         inductor.coordinate_descent_tuning = inductor.coordinate_descent_check_all_directions = "descent" in words
         regional = bool(words & {"static", "dynamic"})
         install, fuse, strided, stack = (modulation.install, blocks.fuse_products, blocks.strided_attention,
@@ -352,7 +356,7 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 model(**inputs)
                 torch.cuda.synchronize()
-            summary = profiled_summary(prof, out / f"trace-{variant}.json", keep=True)
+            summary = profiled_summary(prof, out / f"trace-{variant.replace('+', '_')}.json", keep=True)
             emit(out, section="kernels", kind=variant, **summary)
             try:
                 reference = model(**inputs)[0].clone()
