@@ -1,6 +1,6 @@
 """Per-step probe of the generator's speed options on one GPU, full-size random weights.
 
-  python bench/probe.py --out DIR [--sections peak,gemm,single_mlp,single_attention,kernels,attention,step,vae,png,shapes,startup,restart,first_request,served_steps] [--budget 540]
+  python bench/probe.py --out DIR [--sections peak,gemm,single_mlp,fp8_gelu_rows,single_attention,kernels,attention,step,vae,png,shapes,startup,restart,first_request,served_steps] [--budget 540]
 
 Times one FLUX.1-dev transformer call at 1024x1024 (4096 image + 768 text tokens) for each
 option (eager, regional compile, fused QKV, Inductor flags, fp8 row/tensor-wise), with its
@@ -8,7 +8,8 @@ compile time and dynamo recompiles, then the VAE decode and image encoding per f
 `kernels` profiles the generator's own compiled call (4096 + 512 tokens) by kernel kind, keeps
 each trace as DIR/trace-VARIANT.json.gz and replays the call as one CUDA graph (--kernel-variants
 default,turbo,descent,...); `gemm` times cuBLAS at the step's own Linear shapes, `single_mlp` a
-single block's MLP half with cuBLASLt's GELU epilogue against Inductor's fusion.
+single block's MLP half with cuBLASLt's GELU epilogue against Inductor's fusion, `fp8_gelu_rows`
+turbo's GELU + row amax + e4m3 of those hidden states three ways.
 Each result is appended to DIR/probe.jsonl at once, so a run cut short keeps what it measured.
 Sections past --budget seconds are skipped.
 """
@@ -237,6 +238,76 @@ def single_mlp(out: Path) -> None:
                      mean_abs_vs_eager=diff.mean().item(), reference_mean_abs=reference.abs().mean().item())
             except Exception as e:  # noqa: BLE001
                 emit(out, section="single_mlp", kind=name, error=f"{type(e).__name__}: {e}"[:500])
+
+
+GELU_PEAK_X = -0.7524614   # where the tanh GELU is lowest (its |value| highest) on x < 0
+
+
+def gelu_rows_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """turbo as it quantizes a single block's MLP hidden states for proj_out: the tanh GELU, its
+    rows' amax, e4m3 (`fp8.Fp8Linear`). Inductor reads a row twice and evaluates the GELU in both."""
+    from qwen2vl_flux.generator_server.fp8 import _quantize, _scale
+
+    g = torch.nn.functional.gelu(h, approximate="tanh")
+    scale = _scale(g, "row")
+    return _quantize(g, scale), scale
+
+
+def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values rounded to bf16's (to nearest, ties to even), kept fp32: by their bits, since
+    Inductor may drop a cast to bf16 and back, and the served path's GELU values are bf16."""
+    bits = x.view(torch.int32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000).view(torch.float32)
+
+
+def gelu_rows_fp8_from_extremes(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same values with the GELU evaluated once: |gelu| rises with x on [0, inf) and on
+    (-inf, GELU_PEAK_X] and falls on [GELU_PEAK_X, 0), so a row's largest |gelu| is that of its
+    largest x, of its largest x <= GELU_PEAK_X or of its smallest x in (GELU_PEAK_X, 0), found by
+    three reductions without the GELU (rounding to bf16 keeps the order)."""
+    from qwen2vl_flux.generator_server.fp8 import E4M3_MAX, _quantize
+
+    gelu = torch.nn.functional.gelu
+    top = h.amax(-1, keepdim=True)
+    left = torch.where(h <= GELU_PEAK_X, h, -1e4).amax(-1, keepdim=True)   # gelu(-1e4) = 0
+    right = torch.where((h > GELU_PEAK_X) & (h < 0), h, 0).amin(-1, keepdim=True)
+    amax = gelu(torch.cat([top, left, right], -1).float(), approximate="tanh").abs().amax(-1, keepdim=True)
+    scale = (round_to_bf16(amax) / E4M3_MAX).clamp(min=1e-12)
+    return _quantize(round_to_bf16(gelu(h.float(), approximate="tanh")), scale), scale
+
+
+def fp8_gelu_rows(out: Path) -> None:
+    """turbo's largest Inductor kernel (7.4 ms of a 97.8 ms call on 2026-12-07): a single block's
+    MLP hidden states, columns 9216: of the stacked product's 4608 x 21504 output, through the tanh
+    GELU, their rows' amax and e4m3, compiled as the generator compiles it, with Inductor's
+    multi_kernel (a one-pass persistent reduction tried too), and with the scale from the
+    pre-activation's extremes (`gelu_rows_fp8_from_extremes`); a copy of the same columns to e4m3
+    is the memory floor."""
+    stacked = torch.randn(4608, 21504, device="cuda", dtype=torch.bfloat16) * 2
+    h = stacked[:, 9216:]
+    reference = None   # the first candidate's, the generator's compiled path
+    candidates = [("compiled", gelu_rows_fp8, {}), ("multi_kernel", gelu_rows_fp8, {"triton.multi_kernel": 1}),
+                  ("extremes", gelu_rows_fp8_from_extremes, {}),
+                  ("extremes_multi_kernel", gelu_rows_fp8_from_extremes, {"triton.multi_kernel": 1}),
+                  ("copy_floor", lambda h: (h.to(torch.float8_e4m3fn), None), {})]
+    with torch.inference_mode():
+        for name, fn, options in candidates:
+            try:
+                torch._dynamo.reset()
+                compiled = torch.compile(fn, fullgraph=True, options=options)
+                begin = time.perf_counter()
+                q, scale = compiled(h)
+                torch.cuda.synchronize()
+                compile_s = time.perf_counter() - begin
+                seconds = timed(lambda: compiled(h), 20, 3)
+                reference = reference or (q, scale)
+                same = {} if scale is None else {
+                    "scales_equal": bool(torch.equal(scale, reference[1])),
+                    "values_differing": int((q.view(torch.uint8) != reference[0].view(torch.uint8)).sum())}
+                emit(out, section="fp8_gelu_rows", kind=name, seconds=seconds, compile_s=round(compile_s, 1),
+                     gbytes_per_s=round((h.numel() * 3) / seconds / 1e9), **same)
+            except Exception as e:  # noqa: BLE001
+                emit(out, section="fp8_gelu_rows", kind=name, error=f"{type(e).__name__}: {e}"[:500])
 
 
 def profiled_summary(prof, raw: Path, keep: bool = False) -> dict:
@@ -812,7 +883,7 @@ def main() -> None:
             elif section == "kernels":
                 kernels(out, args.checkpoints, args.kernel_variants.split(","), args.budget)
             else:
-                {"peak": peak, "gemm": gemm, "single_mlp": single_mlp, "single_attention": single_attention,
+                {"peak": peak, "gemm": gemm, "single_mlp": single_mlp, "fp8_gelu_rows": fp8_gelu_rows, "single_attention": single_attention,
                  "attention": attention, "vae": vae, "png": png, "torchao": torchao_fp8}[section](out)
         except Exception as e:  # noqa: BLE001
             emit(out, section=section, error=f"{type(e).__name__}: {e}"[:500])
