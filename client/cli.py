@@ -98,14 +98,20 @@ def _client(args) -> Client:
                   token=token or None, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
-def _write(result: GenerationResult, out: Path, stem: str) -> list[Path]:
+def _write(result: GenerationResult, out: Path, stem: str, extra: tuple[str, ...] = ()) -> list[Path]:
+    """The images as `OUT/STEM-SEED-INDEX.EXT`; where a file of that run's names (`extra` too)
+    exists already, `STEM-SEED-rN-...` with the first N that overwrites nothing, so a run with the
+    same seed but other parameters never replaces an earlier one."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
     extension = {"jpeg": "jpg", "raw": "rgb"}.get(result.format, result.format)
-    for i, data in enumerate(result.data):
-        path = out / f"{stem}-{result.seed}-{i}.{extension}"
+    names = [f"{i}.{extension}" for i in range(len(result.data))] + list(extra)
+    base, run = f"{stem}-{result.seed}", 1
+    while any((out / f"{base}-{name}").exists() for name in names):
+        run += 1
+        base = f"{stem}-{result.seed}-r{run}"
+    paths = [out / f"{base}-{name}" for name in names]
+    for path, data in zip(paths, result.data):
         path.write_bytes(data)  # as the generator made it, parameters and versions in its metadata
-        paths.append(path)
     return paths
 
 
@@ -142,7 +148,9 @@ def _generate(client: Client, args, description: str = "denoise") -> GenerationR
 def cmd_generate(args) -> int:
     with _client(args) as client:
         result = _generate(client, args)
-    for path in _write(result, Path(args.out), Path(args.input).stem):
+    mode = Mode.parse(args.mode)
+    stem = Path(args.input).stem if mode is Mode.VARIATION else f"{Path(args.input).stem}-{mode.value}"
+    for path in _write(result, Path(args.out), stem):
         print(path)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -234,10 +242,9 @@ def cmd_demo(args) -> int:
                                                         file=sys.stderr)) as (encoder, generator):
         with Client(encoder=encoder.address, generator=generator.address, timeout=args.timeout) as client:
             result = _generate(client, args)
-    out = Path(args.out)
-    for path in _write(result, out, "demo"):
+    *paths, pair = _write(result, Path(args.out), "demo", extra=("side-by-side.png",))
+    for path in paths:
         print(path)
-    pair = out / f"demo-{result.seed}-side-by-side.png"
     side_by_side([picture], result.images).save(pair)
     print(pair)
     print(f"seed {result.seed}; the same picture again: {_again(args, result.seed)}", file=sys.stderr)

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -50,6 +51,14 @@ def test_serve_then_generate_on_its_default_addresses_with_json_logs(tmp_path):
         with Image.open(made.stdout.split()[0]) as image:
             assert image.size == (128, 128)     # the demo model's native size, no size given
         assert f"seed 5; the same again: qwen2vl-flux generate --input {DEMO_INPUT}" in made.stderr
+        first = Path(made.stdout.split()[0])
+        kept = first.read_bytes()
+        # The same seed with other parameters: a new file beside the first, which stays as it was.
+        other = subprocess.run([*CLI, "generate", "--input", str(DEMO_INPUT), "--out", str(tmp_path / "images"),
+                                "--steps", "1", "--seed", "5"], env=env, capture_output=True, text=True, timeout=120)
+        assert other.returncode == 0, other.stderr
+        assert other.stdout.split() == [str(first.with_name(f"{DEMO_INPUT.stem}-5-r2-0.png"))]
+        assert first.read_bytes() == kept and Path(other.stdout.split()[0]).read_bytes() != kept
     finally:
         serve.send_signal(signal.SIGINT)
         code = serve.wait(60)

@@ -232,7 +232,7 @@ def test_cli_generates_every_mode_and_writes_control_maps(servers, tmp_path):
                                    "--out", str(tmp_path / "out")] + addresses,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split() == [str(tmp_path / "out" / "a-3-0.png")]
+    assert run.stdout.split() == [str(tmp_path / "out" / "a-controlnet-inpaint-3-0.png")]   # names its mode
     maps = subprocess.run(common + ["control-maps", "--input", str(a), "--out", str(tmp_path / "maps"),
                                     "--line-detector", "canny", "--encoder", servers["encoder"].address],
                           capture_output=True, text=True, timeout=120)
