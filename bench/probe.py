@@ -9,7 +9,7 @@ compile time and dynamo recompiles, then the VAE decode and image encoding per f
 each trace as DIR/trace-VARIANT.json.gz and replays the call as one CUDA graph (--kernel-variants
 default,turbo,descent,...); `gemm` times cuBLAS at the step's own Linear shapes, `single_mlp` a
 single block's MLP half with cuBLASLt's GELU epilogue against Inductor's fusion, `fp8_gelu_rows`
-turbo's GELU + row amax + e4m3 of those hidden states three ways.
+turbo's GELU + row amax + e4m3 of those hidden states several ways, the served kernel among them.
 Each result is appended to DIR/probe.jsonl at once, so a run cut short keeps what it measured.
 Sections past --budget seconds are skipped.
 """
@@ -276,25 +276,42 @@ def gelu_rows_fp8_from_extremes(h: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return _quantize(round_to_bf16(gelu(h.float(), approximate="tanh")), scale), scale
 
 
+def gelu_rows_fp8_reciprocal(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gelu_rows_fp8` with the values times the scale's reciprocal, not divided by it (a
+    division is some ten instructions an element on the GPU, a multiply one)."""
+    from qwen2vl_flux.generator_server.fp8 import E4M3, E4M3_MAX, _scale
+
+    g = torch.nn.functional.gelu(h, approximate="tanh")
+    scale = _scale(g, "row")
+    return (g.float() * scale.reciprocal()).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
 def fp8_gelu_rows(out: Path) -> None:
     """turbo's largest Inductor kernel (7.4 ms of a 97.8 ms call on 2026-12-07): a single block's
     MLP hidden states, columns 9216: of the stacked product's 4608 x 21504 output, through the tanh
     GELU, their rows' amax and e4m3, compiled as the generator compiles it, with Inductor's
     multi_kernel (a one-pass persistent reduction tried too), and with the scale from the
-    pre-activation's extremes (`gelu_rows_fp8_from_extremes`); a copy of the same columns to e4m3
-    is the memory floor."""
+    pre-activation's extremes (`gelu_rows_fp8_from_extremes`), with the scale's reciprocal, and
+    as the generator runs it since it folds the GELU into the quantization (`served_kernel`:
+    fp8.gelu_quantized_rows, one Triton kernel); a copy of the same columns to e4m3 is the
+    memory floor."""
+    from qwen2vl_flux.generator_server.fp8 import gelu_quantized_rows
+
     stacked = torch.randn(4608, 21504, device="cuda", dtype=torch.bfloat16) * 2
     h = stacked[:, 9216:]
     reference = None   # the first candidate's, the generator's compiled path
     candidates = [("compiled", gelu_rows_fp8, {}), ("multi_kernel", gelu_rows_fp8, {"triton.multi_kernel": 1}),
                   ("extremes", gelu_rows_fp8_from_extremes, {}),
                   ("extremes_multi_kernel", gelu_rows_fp8_from_extremes, {"triton.multi_kernel": 1}),
+                  ("reciprocal", gelu_rows_fp8_reciprocal, {}),
+                  ("reciprocal_multi_kernel", gelu_rows_fp8_reciprocal, {"triton.multi_kernel": 1}),
+                  ("served_kernel", gelu_quantized_rows, None),
                   ("copy_floor", lambda h: (h.to(torch.float8_e4m3fn), None), {})]
     with torch.inference_mode():
         for name, fn, options in candidates:
             try:
                 torch._dynamo.reset()
-                compiled = torch.compile(fn, fullgraph=True, options=options)
+                compiled = fn if options is None else torch.compile(fn, fullgraph=True, options=options)
                 begin = time.perf_counter()
                 q, scale = compiled(h)
                 torch.cuda.synchronize()
@@ -369,7 +386,8 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
     kernel, and the faster of the two is picked at run time), stepmod (the AdaLN modulation products at every
     step, not ahead for many: modulation.py), unfused (diffusers' GELU kernels and proj_out
     concatenation: blocks.fuse_products off; with turbo, its arrangement before 2026-12-07 20:00Z),
-    unstacked (turbo's products of one input apart: blocks.stack_inputs off), copies (diffusers'
+    unstacked (turbo's products of one input apart: blocks.stack_inputs off), unfolded (turbo's
+    GELUs apart from the quantization after them, Inductor's kernels: blocks.fold_gelu off), copies (diffusers'
     attention processor, whose layouts cost a copy of the single blocks' V and of every block's
     output: blocks.strided_attention off), static and dynamic (torch.compile of the blocks with
     static or symbolic token counts, not the generator's precompiled path)."""
@@ -398,10 +416,12 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
         inductor.triton.multi_kernel = int("multikernel" in words)
         inductor.coordinate_descent_tuning = inductor.coordinate_descent_check_all_directions = "descent" in words
         regional = bool(words & {"static", "dynamic"})
-        install, fuse, strided, stack = (modulation.install, blocks.fuse_products, blocks.strided_attention,
-                                         blocks.stack_inputs)
+        install, fuse, strided, stack, fold = (modulation.install, blocks.fuse_products, blocks.strided_attention,
+                                               blocks.stack_inputs, blocks.fold_gelu)
         if "unstacked" in words:   # turbo's products of one input apart, as before blocks.stack_inputs
             blocks.stack_inputs = lambda block: None
+        if "unfolded" in words:   # turbo's GELUs as Inductor compiles them, as before blocks.fold_gelu
+            blocks.fold_gelu = lambda block: None
         if "copies" in words:   # diffusers' attention processor and its layout copies (blocks.strided_attention off)
             blocks.strided_attention = lambda model: None
         if "stepmod" in words:   # the AdaLN products one step at a time, as before modulation.py
@@ -411,8 +431,8 @@ def kernels(out: Path, checkpoints: str, variants: list[str], deadline: float) -
         try:
             generator.optimize(SpeedOptions(compile=not regional, attention="_native_cudnn", turbo="turbo" in words))
         finally:
-            modulation.install, blocks.fuse_products, blocks.strided_attention, blocks.stack_inputs = \
-                install, fuse, strided, stack
+            modulation.install, blocks.fuse_products, blocks.strided_attention, blocks.stack_inputs, \
+                blocks.fold_gelu = install, fuse, strided, stack, fold
         model = generator.transformer
         if modulation.modulated(model):
             modulation.ModulationSchedule([model], inputs["timestep"] * 1000, pooled=inputs["pooled_projections"],

@@ -11,7 +11,9 @@ so that every block of a class shares one compiled graph and fewer passes go ove
   products summed (`ConcatFreeLinear`), not as one product of their concatenation, which was a
   copy of 141 MB a block; turbo's fp8 one as two fp8 products (`ConcatFreeFp8Linear`), each part
   quantized with its own rows' range.
-- turbo's fp8 products that read one input are one product (`stack_inputs`).
+- turbo's fp8 products that read one input are one product (`stack_inputs`), and its MLPs'
+  down-projections take the GELU's input: one kernel evaluates the GELU and quantizes it
+  (`fold_gelu`, fp8.Fp8LinearOfGelu).
 - Attention takes Q, K and V in the layouts Inductor gives them (`StridedAttnProcessor`): the
   same values, fewer copies.
 
@@ -26,7 +28,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .fp8 import Fp8Linear
+from .fp8 import Fp8Linear, Fp8LinearOfGelu
 
 
 class LinearGeluTanh(torch.nn.Module):
@@ -216,6 +218,7 @@ def fuse_products(model) -> None:
             if type(up) is GELU and up.approximate == "tanh" and _plain_linear(up.proj):
                 ff.net[0] = LinearGeluTanh(up.proj)
         stack_inputs(block)
+        fold_gelu(block)
     for block in model.single_transformer_blocks:
         if not isinstance(block, _single_block_in_joint_layout()):
             continue
@@ -225,6 +228,7 @@ def fuse_products(model) -> None:
         elif type(block.proj_out) is Fp8Linear:
             block.proj_out = ConcatFreeFp8Linear(block.proj_out, block.proj_out.in_features - block.mlp_hidden_dim)
             stack_inputs(block)
+            fold_gelu(block)
 
 
 def stack_inputs(block) -> None:
@@ -242,6 +246,22 @@ def stack_inputs(block) -> None:
             attn.fused_projections = True
     elif _row_fp8(block.proj_mlp):
         block.proj_in = Fp8Linear.stacked(qkv + [block.proj_mlp])
+
+
+def fold_gelu(block) -> None:
+    """turbo's tanh GELUs before a row-scaled fp8 product evaluated by that product's
+    quantization (fp8.Fp8LinearOfGelu): a double block's two MLPs, a single block's MLP half of
+    its proj_out (which then takes the MLP's input to the GELU)."""
+    from diffusers.models.activations import GELU
+
+    if hasattr(block, "ff"):
+        for ff in (block.ff, block.ff_context):
+            up, down = ff.net[0], ff.net[2]
+            if type(up) is GELU and up.approximate == "tanh" and type(up.proj) is Fp8Linear and _row_fp8(down):
+                ff.net[0], ff.net[2] = up.proj, Fp8LinearOfGelu(down)
+    elif (type(block.act_mlp) is torch.nn.GELU and block.act_mlp.approximate == "tanh"
+          and type(block.proj_out) is ConcatFreeFp8Linear and _row_fp8(block.proj_out.second)):
+        block.act_mlp, block.proj_out.second = torch.nn.Identity(), Fp8LinearOfGelu(block.proj_out.second)
 
 
 def _row_fp8(layer) -> bool:

@@ -7,10 +7,16 @@ fp8 does (Hopper's fp8 products accumulate in reduced precision between flushes;
 trade, measured in BENCHMARKS.md). A plain module with buffers, not a
 tensor subclass: torch.compile traces one graph per block class that every block shares,
 so fp8 compiles as quickly as bf16 (torchao's subclass weights recompiled per block).
+
+A product whose input is a tanh GELU's output (the MLPs' down-projections) takes the GELU's
+input instead (`Fp8LinearOfGelu`): on CUDA one kernel evaluates the GELU, the rows' scales and
+the e4m3 values with each row read once (`gelu_e4m3_rows`); Inductor's kernel for the same ops
+read a row twice and evaluated the GELU twice, 195 us a single block on an H100 (BENCHMARKS.md).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max
@@ -87,12 +93,66 @@ class Fp8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         scale = _scale(rows, self.granularity)
-        out = torch._scaled_mm(_quantize(rows, scale), self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
-                               bias=self.bias, out_dtype=x.dtype, use_fast_accum=rows.is_cuda)
+        return self.product(_quantize(rows, scale), scale, x)
+
+    def product(self, quantized: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output for `x` from its rows already in e4m3 with their scales."""
+        out = torch._scaled_mm(quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
+                               bias=self.bias, out_dtype=x.dtype, use_fast_accum=x.is_cuda)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, granularity={self.granularity}"
+
+
+class Fp8LinearOfGelu(torch.nn.Module):
+    """A row-scaled Fp8Linear of gelu(x, approximate="tanh"), given x: the GELU's output, rounded
+    to x's dtype as a GELU layer's would be, is only ever seen by the quantization."""
+
+    def __init__(self, linear: Fp8Linear):
+        super().__init__()
+        if linear.granularity != "row":
+            raise ValueError("the GELU is folded into row-scaled fp8 layers only")
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.linear.in_features)
+        quantized, scale = gelu_quantized_rows(rows)
+        return self.linear.product(quantized, scale, x)
+
+
+def gelu_quantized_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 values and per-row scales of gelu(rows, approximate="tanh") in rows' dtype: one
+    kernel on CUDA for 16-bit rows of up to 32768 columns, torch's ops elsewhere (the same
+    values, up to the GELU's last bit in fp32 where it rounds differently)."""
+    if rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16) and rows.shape[-1] <= 32768:
+        return torch.ops.qwen2vl_flux.gelu_e4m3_rows(rows)
+    gelu = F.gelu(rows, approximate="tanh")
+    scale = _scale(gelu, "row")
+    return _quantize(gelu, scale), scale
+
+
+@torch.library.custom_op("qwen2vl_flux::gelu_e4m3_rows", mutates_args=())
+def gelu_e4m3_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An opaque op to torch.compile: Inductor runs the kernel as it is, between the products."""
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    quantized = torch.empty(rows.shape, device=rows.device, dtype=E4M3)
+    scale = torch.empty(rows.shape[0], 1, device=rows.device, dtype=torch.float32)
+    if rows.shape[0]:
+        from .fp8_kernels import gelu_e4m3_rows_kernel
+
+        block = max(16, 1 << (rows.shape[1] - 1).bit_length())
+        with torch.cuda.device(rows.device):
+            gelu_e4m3_rows_kernel[(rows.shape[0],)](
+                rows, quantized, scale, rows.shape[1], rows.stride(0), E4M3_MAX, BLOCK=block,
+                num_warps=max(1, min(16, block // 512)))
+    return quantized, scale
+
+
+@gelu_e4m3_rows.register_fake
+def _(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return rows.new_empty(rows.shape, dtype=E4M3), rows.new_empty((rows.shape[0], 1), dtype=torch.float32)
 
 
 def keeps_precision(name: str) -> bool:

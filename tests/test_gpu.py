@@ -190,6 +190,31 @@ def test_fused_products_at_a_single_blocks_shapes_are_the_stock_layers_to_roundi
         assert error(fused, exact) <= 1.6 * error(stock, exact), (dtype, error(stock, exact), error(fused, exact))
 
 
+def test_gelu_folded_into_fp8_quantization_is_torchs_gelu_then_quantization():
+    """turbo's one kernel for the GELU, the rows' scales and e4m3 (fp8.gelu_quantized_rows)
+    against torch's ops on the same bf16 values: a single block's MLP columns of its stacked
+    product (a strided view), a few short rows, and the kernel inside a compiled graph."""
+    from qwen2vl_flux.generator_server.fp8 import _quantize, _scale, gelu_quantized_rows
+
+    torch.manual_seed(0)
+    stacked = 2 * torch.randn(4608, 21504, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(lambda rows: gelu_quantized_rows(rows * 1), fullgraph=True)
+    for rows in (stacked[:, 9216:], stacked[:7, :100]):
+        with torch.inference_mode():
+            quantized, scale = gelu_quantized_rows(rows)
+            gelu = torch.nn.functional.gelu(rows, approximate="tanh")
+            expected_scale = _scale(gelu, "row")
+            expected = _quantize(gelu, expected_scale)
+            again, again_scale = compiled(rows)
+        assert quantized.shape == expected.shape and quantized.dtype == torch.float8_e4m3fn
+        assert scale.shape == expected_scale.shape == (rows.shape[0], 1)
+        # the fp32 GELU may round to the neighbouring bf16 value (another summation of its terms)
+        torch.testing.assert_close(scale, expected_scale, rtol=2 ** -7, atol=0)
+        differing = (quantized.view(torch.uint8) != expected.view(torch.uint8)).float().mean().item()
+        assert differing < 1e-3, differing
+        assert torch.equal(again.view(torch.uint8), quantized.view(torch.uint8)) and torch.equal(again_scale, scale)
+
+
 def test_strided_attention_on_cudnn_is_diffusers_attention_to_rounding():
     """cuDNN's attention on the strided layouts (blocks.StridedAttnProcessor) against diffusers'
     _native_cudnn processor, which hands it contiguous copies: one double and one single block

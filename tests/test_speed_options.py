@@ -16,7 +16,7 @@ from qwen2vl_flux.client.launch import ServerProcess
 from qwen2vl_flux.client.modes import Mode, resolve_parameters
 from qwen2vl_flux.generator_server.compile_cache import ARTIFACTS, MANIFEST, CompileCache, cache_fields
 from qwen2vl_flux.generator_server import blocks, modulation
-from qwen2vl_flux.generator_server.fp8 import Fp8Linear, quantize_linears
+from qwen2vl_flux.generator_server.fp8 import Fp8Linear, Fp8LinearOfGelu, quantize_linears
 from qwen2vl_flux.generator_server.pipeline import (Conditioning, FluxGenerator, GenerationJob, SpeedOptions,
                                                     StepCache)
 from qwen2vl_flux.v1 import qwen2vl_flux_pb2 as pb
@@ -98,8 +98,9 @@ def test_fused_products_compute_what_the_stock_blocks_compute(tiny_checkpoints, 
     """The concatenation-free proj_out (the compiled path's blocks; the GELU epilogue is the GPU's,
     tests/test_gpu.py) gives diffusers' velocities to rounding, the ControlNet's blocks included.
     turbo's fp8 layers take the concatenation-free proj_out, each part with its own scales (as
-    close to the full-precision velocities as turbo's concatenated product is), and a single
-    block's four input products as one (the same values, bitwise, on the CPU)."""
+    close to the full-precision velocities as turbo's concatenated product is), a single
+    block's four input products as one, and the MLPs' GELUs inside their down-projections'
+    quantization (both the same values, bitwise, on the CPU)."""
     plain, fused = FluxGenerator(tiny_checkpoints), FluxGenerator(tiny_checkpoints)
     for model in (fused.transformer, fused.controlnet):
         blocks.fuse_products(model)
@@ -112,8 +113,8 @@ def test_fused_products_compute_what_the_stock_blocks_compute(tiny_checkpoints, 
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
-    turbo, split, stacked = (FluxGenerator(tiny_checkpoints) for _ in range(3))
-    for generator in (turbo, split, stacked):
+    turbo, split, unfolded, stacked = (FluxGenerator(tiny_checkpoints) for _ in range(4))
+    for generator in (turbo, split, unfolded, stacked):
         quantize_linears(generator.transformer)
         blocks.share_single_block_graphs(generator.transformer)
         blocks.strided_attention(generator.transformer)
@@ -121,16 +122,23 @@ def test_fused_products_compute_what_the_stock_blocks_compute(tiny_checkpoints, 
     with monkeypatch.context() as patch:
         patch.setattr(blocks, "stack_inputs", lambda block: None)
         blocks.fuse_products(split.transformer)
+        patch.undo()
+        patch.setattr(blocks, "fold_gelu", lambda block: None)
+        blocks.fuse_products(unfolded.transformer)
     single = stacked.transformer.single_transformer_blocks[0]
     assert isinstance(single.proj_out, blocks.ConcatFreeFp8Linear)
-    assert single.proj_out.first.weight.is_contiguous() and single.proj_out.second.bias is None
+    assert single.proj_out.first.weight.is_contiguous() and single.proj_out.second.linear.bias is None
+    assert isinstance(single.proj_out.second, Fp8LinearOfGelu) and isinstance(single.act_mlp, torch.nn.Identity)
     assert single.proj_in.out_features == 3 * single.attn.inner_dim + single.mlp_hidden_dim
     assert single.attn.to_k.weight.data_ptr() == single.proj_in.weight[single.attn.inner_dim:].data_ptr()
-    double = stacked.transformer.transformer_blocks[0].attn
-    assert double.fused_projections and isinstance(double.to_added_qkv, Fp8Linear)
+    double = stacked.transformer.transformer_blocks[0]
+    assert double.attn.fused_projections and isinstance(double.attn.to_added_qkv, Fp8Linear)
+    assert type(double.ff.net[0]) is Fp8Linear and isinstance(double.ff_context.net[2], Fp8LinearOfGelu)
     assert not any(isinstance(m, blocks.LinearGeluTanh) for m in stacked.transformer.modules())
-    for e, t, s, f in zip(expected, _velocities(turbo), _velocities(split), _velocities(stacked)):
-        assert not torch.equal(t, s) and torch.equal(s, f)
+    assert not any(isinstance(m, Fp8LinearOfGelu) for m in unfolded.transformer.modules())
+    for e, t, s, u, f in zip(expected, _velocities(turbo), _velocities(split), _velocities(unfolded),
+                             _velocities(stacked)):
+        assert not torch.equal(t, s) and torch.equal(s, f) and torch.equal(u, f)
         assert (s - e).norm() < 1.25 * (t - e).norm() and (s - e).norm() < 0.1 * e.norm()
 
 
