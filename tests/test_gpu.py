@@ -192,27 +192,52 @@ def test_fused_products_at_a_single_blocks_shapes_are_the_stock_layers_to_roundi
 
 def test_gelu_folded_into_fp8_quantization_is_torchs_gelu_then_quantization():
     """turbo's one kernel for the GELU, the rows' scales and e4m3 (fp8.gelu_quantized_rows)
-    against torch's ops on the same bf16 values: a single block's MLP columns of its stacked
-    product (a strided view), a few short rows, and the kernel inside a compiled graph."""
-    from qwen2vl_flux.generator_server.fp8 import _quantize, _scale, gelu_quantized_rows
+    against torch's ops on the same values: a single block's MLP columns of its stacked product (a
+    strided view), compiled with symbolic rows as the generator compiles, at two row counts; fp16
+    rows whose columns are not contiguous; a NaN, which makes its row NaN as torch's ops do; and a
+    whole folded layer against the GELU followed by the fp8 layer."""
+    from qwen2vl_flux.generator_server.fp8 import Fp8Linear, Fp8LinearOfGelu, _quantize, _scale, gelu_quantized_rows
 
-    torch.manual_seed(0)
-    stacked = 2 * torch.randn(4608, 21504, device="cuda", dtype=torch.bfloat16)
-    compiled = torch.compile(lambda rows: gelu_quantized_rows(rows * 1), fullgraph=True)
-    for rows in (stacked[:, 9216:], stacked[:7, :100]):
-        with torch.inference_mode():
-            quantized, scale = gelu_quantized_rows(rows)
-            gelu = torch.nn.functional.gelu(rows, approximate="tanh")
-            expected_scale = _scale(gelu, "row")
-            expected = _quantize(gelu, expected_scale)
-            again, again_scale = compiled(rows)
-        assert quantized.shape == expected.shape and quantized.dtype == torch.float8_e4m3fn
+    def reference(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gelu = torch.nn.functional.gelu(rows, approximate="tanh")
+        scale = _scale(gelu, "row")
+        return _quantize(gelu, scale), scale
+
+    def check(got: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> None:
+        (quantized, scale), (expected, expected_scale) = got, reference(rows)
+        assert quantized.dtype == torch.float8_e4m3fn and quantized.shape == rows.shape
         assert scale.shape == expected_scale.shape == (rows.shape[0], 1)
-        # the fp32 GELU may round to the neighbouring bf16 value (another summation of its terms)
+        # the fp32 GELU may round to the neighbouring 16-bit value (another order of its terms)
         torch.testing.assert_close(scale, expected_scale, rtol=2 ** -7, atol=0)
         differing = (quantized.view(torch.uint8) != expected.view(torch.uint8)).float().mean().item()
         assert differing < 1e-3, differing
-        assert torch.equal(again.view(torch.uint8), quantized.view(torch.uint8)) and torch.equal(again_scale, scale)
+
+    torch.manual_seed(0)
+    stacked = 2 * torch.randn(4608, 21504, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(gelu_quantized_rows, fullgraph=True, dynamic=True)
+    transposed = (2 * torch.randn(300, 7, device="cuda", dtype=torch.float16)).t()
+    with torch.inference_mode():
+        for rows in (stacked[:, 9216:], stacked[:3000, 9216:]):
+            got = gelu_quantized_rows(rows)
+            check(got, rows)
+            again = compiled(rows)
+            assert torch.equal(again[0].view(torch.uint8), got[0].view(torch.uint8)) and torch.equal(again[1], got[1])
+        assert transposed.stride(-1) != 1
+        check(gelu_quantized_rows(transposed), transposed)
+
+        poisoned = stacked[:4, :100].clone()
+        poisoned[1, 5] = float("nan")
+        quantized, scale = gelu_quantized_rows(poisoned)
+        assert torch.isnan(scale[1]).all() and torch.isnan(quantized[1].float()).all()
+        check((quantized[2:], scale[2:]), poisoned[2:])   # the rows without it are as before
+
+        linear = torch.nn.Linear(3072, 1024, device="cuda", dtype=torch.bfloat16)
+        x = 2 * torch.randn(2, 333, 3072, device="cuda", dtype=torch.bfloat16)
+        layer = Fp8Linear(linear)
+        folded = Fp8LinearOfGelu(layer)(x)
+        unfolded = layer(torch.nn.functional.gelu(x, approximate="tanh"))
+    assert folded.shape == unfolded.shape == (2, 333, 1024) and folded.dtype == torch.bfloat16
+    assert ((folded.float() - unfolded.float()).norm() / unfolded.float().norm()).item() < 1e-2
 
 
 def test_strided_attention_on_cudnn_is_diffusers_attention_to_rounding():
