@@ -1,6 +1,10 @@
 """Triton kernels of turbo's fp8 layers (CUDA only; imported when first launched)."""
-import triton
-import triton.language as tl
+try:   # torch's CUDA builds install triton; CPU-only installs never import this module
+    import triton
+    import triton.language as tl
+except ImportError as e:
+    raise ImportError("turbo's fp8 kernels need triton, which torch's CUDA builds install: install the triton "
+                      "release that your torch names (pip show torch) or run without --turbo") from e
 
 
 @triton.jit
