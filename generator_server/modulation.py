@@ -72,6 +72,15 @@ def modulated(model: torch.nn.Module) -> list:
     return [block for block in repeated_blocks(model) if hasattr(block, "modulation_rows")]
 
 
+def _buffer(block, rows: torch.Tensor) -> torch.Tensor:
+    """The block's kept buffer for rows of this shape."""
+    buffers = block.__dict__.setdefault("modulation_buffers", {})
+    key = (tuple(rows.shape), rows.dtype, rows.device)
+    if key not in buffers:
+        buffers[key] = torch.empty_like(rows, memory_format=torch.contiguous_format)
+    return buffers[key]
+
+
 class ModulationSchedule:
     """The modulation rows of every step of one request for some models (the transformer, the
     ControlNet), computed a chunk of steps at a time so that long requests stay small in memory.
@@ -83,9 +92,13 @@ class ModulationSchedule:
     CHUNK_ROWS = 64
 
     def __init__(self, models: list[torch.nn.Module], timesteps: torch.Tensor, *, pooled: torch.Tensor,
-                 guidance: torch.Tensor | None, dtype: torch.dtype):
+                 guidance: torch.Tensor | None, dtype: torch.dtype, fixed_addresses: bool = False):
+        """fixed_addresses: every block reads its rows from a buffer of its own, kept across
+        requests (one per batch size) and overwritten at each step, as a CUDA graph that
+        captured the block needs (step_graphs.py); else from a view of the step's table."""
         self.models = [(model, modulated(model)) for model in models]
         self.timesteps, self.pooled, self.guidance, self.dtype = timesteps, pooled, guidance, dtype
+        self.fixed_addresses = fixed_addresses
         self.count = pooled.shape[0]
         self.chunk = max(1, self.CHUNK_ROWS // self.count)
         self.first: int | None = None
@@ -96,9 +109,16 @@ class ModulationSchedule:
         if self.first is None or not self.first <= step < self.first + self.chunk:
             self._compute(step)
         offset = (step - self.first) * self.count
+        buffers, rows = [], []
         for (_, blocks), tables in zip(self.models, self.tables):
             for block, table in zip(blocks, tables):
                 block.modulation_rows = table[offset:offset + self.count]
+                if self.fixed_addresses:
+                    buffers.append(_buffer(block, block.modulation_rows))
+                    rows.append(block.modulation_rows)
+                    block.modulation_rows = buffers[-1]
+        if buffers:
+            torch._foreach_copy_(buffers, rows)
 
     def release(self) -> None:
         """Take the rows back from the blocks (and free the tables): a call outside a schedule

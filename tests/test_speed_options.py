@@ -209,6 +209,21 @@ def test_modulation_computed_ahead_gives_the_images_of_one_product_a_step(tiny_c
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
+    # For CUDA graphs every block reads its rows from one buffer of its own, overwritten at each
+    # step (a graph replays the addresses it captured): the same velocities, bitwise.
+    block = ahead.transformer.single_transformer_blocks[0]
+    addresses = []
+    hook = block.register_forward_pre_hook(lambda m, a: addresses.append(m.modulation_rows.data_ptr()))
+    views = _velocities(ahead)
+    init = modulation.ModulationSchedule.__init__
+    monkeypatch.setattr(modulation.ModulationSchedule, "__init__",
+                        lambda self, *args, **kwargs: init(self, *args, **{**kwargs, "fixed_addresses": True}))
+    fixed = _velocities(ahead)
+    hook.remove()
+    assert len(set(addresses[:3])) == 3 and len(set(addresses[3:])) == 1, addresses
+    for v, f in zip(views, fixed, strict=True):
+        assert torch.equal(v, f)
+
     # A request hands its rows back: a call outside a schedule fails instead of using stale rows.
     assert all(block.modulation_rows is None for block in modulation.modulated(ahead.controlnet))
     with pytest.raises(RuntimeError, match="ModulationSchedule"):
