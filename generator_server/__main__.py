@@ -21,6 +21,12 @@ def _step_cache(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _graph_limit(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of graphs (0: off), got {text!r}")
+    return int(text)
+
+
 def _extra_args(parser):
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the repeated transformer blocks (default: on with CUDA)")
@@ -31,6 +37,10 @@ def _extra_args(parser):
     parser.add_argument("--step-cache", type=_step_cache, default=None, metavar="THRESHOLD|fixed:K",
                         help="reuse the last velocity on some steps (images change): a first-block cache "
                              "threshold such as 0.08, or fixed:K (first 4 and last 2 steps run, then one in K)")
+    parser.add_argument("--cuda-graphs", type=_graph_limit, default=0, metavar="N",
+                        help="replay each step as a CUDA graph, one per input shape, captured the second request "
+                             "that meets the shape, at most N kept (needs CUDA; not with --step-cache THRESHOLD; "
+                             "default 0: off)")
     parser.add_argument("--warm-up", default=None, metavar="MODES",
                         help="modes run once at 1024x1024 before SERVING (default with --compile: "
                              "variation,img2img,inpaint; 'none' for none)")
@@ -53,6 +63,12 @@ def _make_model(args, **kwargs):
     from .compile_cache import CompileCache, cache_fields
     from .pipeline import FluxGenerator, SpeedOptions, import_diffusers
 
+    cuda = str(kwargs["device"]).startswith("cuda")
+    compile_ = cuda if args.compile is None else args.compile
+    attention = ("_native_cudnn" if cuda else None) if args.attention == "auto" else args.attention
+    options = SpeedOptions(compile=compile_, attention=attention, turbo=args.turbo, step_cache=args.step_cache,
+                           cuda_graphs=args.cuda_graphs)
+    options.check(kwargs["device"])   # before the weights: a wrong combination fails at once
     import_diffusers()
     imports = time.perf_counter() - start
     log_event("libraries imported", seconds=round(imports, 2))
@@ -62,15 +78,12 @@ def _make_model(args, **kwargs):
     generator.startup["weights"] = time.perf_counter() - start
     log_event("weights loaded", seconds=round(generator.startup["weights"], 2), device=str(generator.device),
               random_weights=bool(args.random_weights))
-    cuda = generator.device.type == "cuda"
-    compile_ = cuda if args.compile is None else args.compile
-    attention = ("_native_cudnn" if cuda else None) if args.attention == "auto" else args.attention
     start = time.perf_counter()
-    options = SpeedOptions(compile=compile_, attention=attention, turbo=args.turbo, step_cache=args.step_cache)
     generator.optimize(options)
     generator.startup["speed_options"] = time.perf_counter() - start
     log_event("speed options applied", seconds=round(generator.startup["speed_options"], 2), compile=compile_,
-              attention=attention or "native", turbo=args.turbo, step_cache=str(args.step_cache or "off"))
+              attention=attention or "native", turbo=args.turbo, step_cache=str(args.step_cache or "off"),
+              cuda_graphs=args.cuda_graphs)
     if compile_ and args.compile_cache:
         generator.compile_cache = CompileCache(Path(args.compile_cache), cache_fields(generator, options))
         generator.compile_cache.load()

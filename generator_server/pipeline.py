@@ -7,6 +7,8 @@ encoder service, and everything after `prompt_embeds` happens here.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,17 +98,30 @@ class SpeedOptions:
     once (modulation.py). attention: a diffusers attention backend ("_native_cudnn" is the fastest
     SDPA on Hopper). turbo: fp8 weights and activations for the transformer's Linear layers
     (generator_server/fp8.py). step_cache: steps that reuse the last velocity (changes images;
-    off by default).
+    off by default). cuda_graphs: each step's velocity call replayed as a CUDA graph, at most
+    this many graphs kept, one per input shape (step_graphs.py; 0: off).
     """
 
     compile: bool = False
     attention: str | None = None
     turbo: bool = False
     step_cache: StepCache | None = None
+    cuda_graphs: int = 0
 
     @property
     def lossless(self) -> bool:
         return not self.turbo and self.step_cache is None
+
+    def check(self, device: "str | torch.device") -> None:
+        """ValueError for options that cannot work together on `device`."""
+        if not self.cuda_graphs:
+            return
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {torch.device(device).type}: "
+                             "leave them off (--cuda-graphs 0)")
+        if self.step_cache is not None and self.step_cache.threshold:
+            raise ValueError("CUDA graphs cannot hold the first-block cache (--step-cache THRESHOLD decides "
+                             "between blocks on the CPU): use --step-cache fixed:K or --cuda-graphs 0")
 
 
 class _StepReporter:
@@ -208,6 +223,7 @@ class FluxGenerator:
         self.speed = SpeedOptions()
         self.compile_cache = None          # compile_cache.CompileCache with --compile-cache
         self.precompiled = None            # precompiled.PrecompiledBlocks when compiled as whole graphs
+        self.step_graphs = None            # step_graphs.StepGraphs with CUDA graphs on
         self.startup: dict[str, float] = {}   # seconds of each start-up phase (GetInfo)
 
         config = self.transformer.config
@@ -226,6 +242,11 @@ class FluxGenerator:
     def optimize(self, options: "SpeedOptions | None" = None) -> None:
         """Apply the speed options once after loading (and to the ControlNet when it loads)."""
         self.speed = options = options or SpeedOptions()
+        options.check(self.device)
+        if options.cuda_graphs:
+            from .step_graphs import StepGraphs
+
+            self.step_graphs = StepGraphs(options.cuda_graphs)
         if options.attention:
             self.transformer.set_attention_backend(options.attention)
         if options.turbo:
@@ -304,7 +325,8 @@ class FluxGenerator:
             job = GenerationJob(mode, params, cond, init_image=picture, mask=picture.convert("L"),
                                 control_maps={"depth": picture, "line": picture})
             start, graphs = time.perf_counter(), self.graphs_obtained()
-            self.generate(job)
+            with self.step_graphs.unrecorded() if self.step_graphs else contextlib.nullcontext():
+                self.generate(job)
             if on_phase is not None:
                 on_phase(f"warm-up {mode.value} {width}x{height} x{count}", time.perf_counter() - start,
                          self.graphs_obtained() - graphs)
@@ -523,11 +545,14 @@ class FluxGenerator:
         if self.transformer.is_cache_enabled:
             self.transformer._reset_stateful_cache()   # the step cache must not leak across requests
         reuse = self.speed.step_cache.skipped(total) if self.speed.step_cache else frozenset()
+        if self.step_graphs is not None:
+            self.step_graphs.new_request()
         schedule = None
         if modulation.modulated(self.transformer):
             models = [self.transformer] + ([self.controlnet] if controls else [])
             schedule = modulation.ModulationSchedule(models, timesteps, pooled=pooled, guidance=guidance,
-                                                     dtype=latents.dtype)
+                                                     dtype=latents.dtype,
+                                                     fixed_addresses=self.step_graphs is not None)
         noise_pred = None
         try:
             for i, t in enumerate(timesteps):
@@ -560,10 +585,22 @@ class FluxGenerator:
 
     def _velocity(self, latents, t, *, prompt_embeds, text_ids, pooled, image_ids, guidance, controls,
                   control_embeds) -> torch.Tensor:
-        """One transformer call at timestep t, with the ControlNet residuals of every map summed in."""
-        timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+        """One transformer call at timestep t, with the ControlNet residuals of every map summed
+        in: a CUDA graph's replay when graphs are on (the maps' modes and scales are its constants)."""
+        inputs = dict(latents=latents, timestep=t.expand(latents.shape[0]).to(latents.dtype) / 1000,
+                      prompt_embeds=prompt_embeds, text_ids=text_ids, pooled=pooled, image_ids=image_ids,
+                      guidance=guidance, control_conds=[cond for cond, _, _ in controls],
+                      control_embeds=control_embeds)
+        settings = tuple((union_mode, scale) for _, union_mode, scale in controls)
+        call = functools.partial(self._transformer_call, settings)
+        if self.step_graphs is None:
+            return call(**inputs)
+        return self.step_graphs.run(call, settings, inputs)
+
+    def _transformer_call(self, settings, *, latents, timestep, prompt_embeds, text_ids, pooled, image_ids,
+                          guidance, control_conds, control_embeds) -> torch.Tensor:
         block_samples = single_samples = None   # the ControlNet's residuals, summed over the maps
-        for cond, union_mode, scale in controls:
+        for cond, (union_mode, scale) in zip(control_conds, settings):
             mode = torch.full((latents.shape[0], 1), union_mode, device=self.device, dtype=torch.long)
             b, s = self.controlnet(
                 hidden_states=latents, controlnet_cond=cond, controlnet_mode=mode, conditioning_scale=scale,

@@ -294,4 +294,5 @@ def startup_info(model: FluxGenerator) -> pb.Startup:
     return pb.Startup(compile_cache=cache.status if cache else "off", compile_cache_detail=detail,
                       phase_seconds=dict(model.startup, **{f"compile_cache_{k}": v for k, v in
                                                            (cache.timings if cache else {}).items()}),
-                      compiled=speed.compile, turbo=speed.turbo, step_cache=str(speed.step_cache or ""))
+                      compiled=speed.compile, turbo=speed.turbo, step_cache=str(speed.step_cache or ""),
+                      cuda_graphs=speed.cuda_graphs)

@@ -111,13 +111,26 @@ def test_two_gpus_every_mode_each_process_on_its_own_gpu(tiny_checkpoints):
     print("\nPEAK", json.dumps(PEAKS))
 
 
+def _step_graph_events(server) -> list[str]:
+    return [line["msg"] for line in map(json.loads, filter(lambda l: l.startswith("{"),
+                                                           server.log_path.read_text().splitlines()))
+            if line["msg"].startswith("step graph")]
+
+
 @pytest.mark.parametrize("flags", [(), ("--turbo", "--step-cache", "fixed:2")], ids=["lossless", "turbo"])
 def test_one_gpu_both_halves(tiny_checkpoints, flags):
-    servers = _start(tiny_checkpoints, {"encoder": "cuda:0", "generator": "cuda:0"}, flags)
+    """Every mode three times: the first meets its shapes, the second captures them as CUDA
+    graphs, the third replays them; the same images each time, bitwise."""
+    servers = _start(tiny_checkpoints, {"encoder": "cuda:0", "generator": "cuda:0"}, (*flags, "--cuda-graphs", "8"))
     try:
         client = Client(servers["encoder"][0].address, servers["generator"][0].address, timeout=600)
-        _run_every_mode(client)
-        assert client.info()["generator"].startup.turbo == bool(flags)
+        runs = [_run_every_mode(client) for _ in range(3)]
+        for mode in MODES:
+            assert runs[0][mode] == runs[1][mode] == runs[2][mode], mode
+        events = _step_graph_events(servers["generator"][0])
+        assert "step graph failed" not in events and events.count("step graph captured") >= 2, events
+        startup = client.info()["generator"].startup
+        assert startup.turbo == bool(flags) and startup.cuda_graphs == 8
         PEAKS["one GPU" + (" turbo" if flags else "")] = {role: _memory(port) for role, (_, port) in servers.items()}
     finally:
         for server, _ in servers.values():
@@ -153,6 +166,51 @@ def test_one_gpu_compiled_turbo_restarts_on_its_compile_cache(tiny_checkpoints, 
     finally:
         for server, _ in servers.values():
             server.stop()
+
+
+def test_step_graphs_replay_the_compiled_steps_bitwise(tiny_checkpoints):
+    """The compiled generator (modulation rows ahead, precompiled blocks) with CUDA graphs: a
+    variation and a ControlNet request paint what they paint without graphs, bitwise, on the
+    request that meets a shape, the one that captures it and the one that replays it. One graph
+    kept: the ControlNet's (its maps' modes and scales in its key) evicts the variation's, which
+    a later request captures again."""
+    from qwen2vl_flux.client.modes import Mode, resolve_parameters
+    from qwen2vl_flux.generator_server.pipeline import Conditioning, FluxGenerator, GenerationJob, SpeedOptions
+
+    generator = FluxGenerator(tiny_checkpoints, device="cuda", dtype=torch.bfloat16, random_weights="full")
+    try:
+        generator.optimize(SpeedOptions(compile=True, attention="_native_cudnn", cuda_graphs=1))
+        graphs, cfg = generator.step_graphs, generator.fingerprint
+        torch.manual_seed(0)
+        tokens = torch.randn(1, 320, cfg.joint_attention_dim, device="cuda", dtype=torch.bfloat16)
+        cond = Conditioning({"a": tokens, "b": tokens}, torch.randn(1, 256, cfg.inner_dim, device="cuda",
+                                                                     dtype=torch.bfloat16),
+                            torch.randn(1, cfg.pooled_dim, device="cuda", dtype=torch.bfloat16))
+        picture = PICTURE.resize((512, 512))
+        jobs = {"variation": (Mode.VARIATION, {"aspect_ratio": "1:1"}), "controlnet": (Mode.CONTROLNET, {})}
+
+        def paint(name: str) -> bytes:
+            mode, extra = jobs[name]
+            params, _ = resolve_parameters(mode, {"seed": 3, "steps": 3, **extra})
+            job = GenerationJob(mode, params, cond, init_image=picture, control_maps={"depth": picture, "line": picture})
+            return b"".join(im.tobytes() for im in generator.generate(job))
+
+        generator.step_graphs = None
+        plain = {name: paint(name) for name in jobs}
+        generator.step_graphs = graphs
+        for name in jobs:
+            captures = graphs.captures
+            assert paint(name) == plain[name], name            # meets its shape
+            assert graphs.captures == captures
+            assert paint(name) == plain[name], name            # captures
+            assert graphs.captures == captures + 1 and len(graphs.graphs) == 1
+            replays = graphs.replays
+            assert paint(name) == plain[name], name            # replays
+            assert graphs.captures == captures + 1 and graphs.replays == replays + 3
+        assert paint("variation") == plain["variation"] and graphs.captures == 3 and not graphs.failed
+    finally:
+        generator = None
+        torch.cuda.empty_cache()
 
 
 def test_fused_products_at_a_single_blocks_shapes_are_the_stock_layers_to_rounding():

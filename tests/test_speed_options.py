@@ -438,6 +438,17 @@ def test_generator_restart_loads_its_precompiled_blocks_from_the_compile_cache(t
     assert sum(runs.values()) == 4 and done["compile_seconds"].get("bytecode_tracing", 0) == 0, (runs, done)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (("--cuda-graphs", "2", "--device", "cpu"), "CUDA graphs need a CUDA device"),
+    (("--cuda-graphs", "two"), "expected a number of graphs"),
+], ids=["cpu", "not-a-number"])
+def test_generator_refuses_cuda_graphs_it_cannot_keep(tiny_checkpoints, flags, message):
+    server = ServerProcess("generator", tiny_checkpoints, *flags)
+    server.start()
+    assert server.process.wait(timeout=120) == 2
+    assert message in server.log_path.read_text()
+
+
 def test_generator_refuses_a_malformed_step_cache_flag(tiny_checkpoints):
     server = ServerProcess("generator", tiny_checkpoints, "--step-cache", "fixed:1")
     server.start()

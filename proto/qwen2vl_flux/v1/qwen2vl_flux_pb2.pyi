@@ -223,7 +223,7 @@ class ServerInfo(_message.Message):
     def __init__(self, role: _Optional[str] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., versions: _Optional[_Union[Versions, _Mapping]] = ..., components: _Optional[_Iterable[str]] = ..., modes: _Optional[_Iterable[str]] = ..., checkpoints: _Optional[str] = ..., line_detectors: _Optional[_Iterable[str]] = ..., native_size: _Optional[int] = ..., depth_available: bool = ..., startup: _Optional[_Union[Startup, _Mapping]] = ...) -> None: ...
 
 class Startup(_message.Message):
-    __slots__ = ("compile_cache", "compile_cache_detail", "phase_seconds", "compiled", "turbo", "step_cache")
+    __slots__ = ("compile_cache", "compile_cache_detail", "phase_seconds", "compiled", "turbo", "step_cache", "cuda_graphs")
     class PhaseSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -237,13 +237,15 @@ class Startup(_message.Message):
     COMPILED_FIELD_NUMBER: _ClassVar[int]
     TURBO_FIELD_NUMBER: _ClassVar[int]
     STEP_CACHE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
     compile_cache: str
     compile_cache_detail: str
     phase_seconds: _containers.ScalarMap[str, float]
     compiled: bool
     turbo: bool
     step_cache: str
-    def __init__(self, compile_cache: _Optional[str] = ..., compile_cache_detail: _Optional[str] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., compiled: bool = ..., turbo: bool = ..., step_cache: _Optional[str] = ...) -> None: ...
+    cuda_graphs: int
+    def __init__(self, compile_cache: _Optional[str] = ..., compile_cache_detail: _Optional[str] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., compiled: bool = ..., turbo: bool = ..., step_cache: _Optional[str] = ..., cuda_graphs: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("request_id", "images", "prompt", "pixel_budget", "pad_to")
