@@ -752,53 +752,70 @@ def first_request(out: Path, checkpoints: str) -> None:
              phases={"first": jobs[0], "next": jobs[1]})
 
 
-def served_steps(out: Path, checkpoints: str) -> None:
+def served_steps(out: Path, checkpoints: str, variants: list[str], deadline: float) -> None:
     """A served request's steps against the lone transformer call (`kernels`): 28-step
     variations at 1024x1024 through `FluxGenerator.generate`, compiled as the generator serves,
-    at 512 text tokens and at 508 (the bench's request: the picture's 252 Qwen tokens and T5's
-    256), timed with the SM clock and power sampled by nvidia-smi meanwhile (sustained load may
-    lower the clock), then profiled: the whole request's kernels by kind and the GPU's idle time,
-    and the denoise per step from the generator's stage timings."""
+    at 508 text tokens (the bench's request: the picture's 252 Qwen tokens and T5's 256) and, with
+    `text512` among the variants, 512; without CUDA graphs and with them (the request that meets
+    the shape, the one that captures it, then timed replays), timed with the SM clock and power
+    sampled by nvidia-smi meanwhile (sustained load may lower the clock); with `profiled`, each
+    profiled: the whole request's kernels by kind and the GPU's idle time. Variants: default,
+    turbo, and those words joined by "+"."""
     import subprocess
 
     from qwen2vl_flux.client.modes import Mode, resolve_parameters
     from qwen2vl_flux.generator_server.pipeline import Conditioning, FluxGenerator, GenerationJob, SpeedOptions
+    from qwen2vl_flux.generator_server.step_graphs import StepGraphs
 
-    torch._dynamo.reset()
-    generator = FluxGenerator(checkpoints, device="cuda", dtype=torch.bfloat16, random_weights="full")
-    generator.optimize(SpeedOptions(compile=True, attention="_native_cudnn"))
-    cfg = generator.fingerprint
     params, _ = resolve_parameters(Mode.VARIATION, {"seed": 0, "steps": 28})
-    for text in (512, 508):
-        cond = Conditioning({"a": torch.randn(1, text, cfg.joint_attention_dim, device="cuda", dtype=torch.bfloat16)},
-                            None, torch.randn(1, cfg.pooled_dim, device="cuda", dtype=torch.bfloat16))
+    for variant in variants:
+        if time.perf_counter() - START > deadline:
+            emit(out, section="served_steps", kind=variant, skipped="budget")
+            continue
+        words = set(variant.split("+"))
+        torch._dynamo.reset()
+        generator = FluxGenerator(checkpoints, device="cuda", dtype=torch.bfloat16, random_weights="full")
+        generator.optimize(SpeedOptions(compile=True, attention="_native_cudnn", turbo="turbo" in words))
+        cfg = generator.fingerprint
+        for text in (508, 512) if "text512" in words else (508,):
+            cond = Conditioning({"a": torch.randn(1, text, cfg.joint_attention_dim, device="cuda",
+                                                  dtype=torch.bfloat16)},
+                                None, torch.randn(1, cfg.pooled_dim, device="cuda", dtype=torch.bfloat16))
 
-        def run() -> dict:
-            job = GenerationJob(Mode.VARIATION, params, cond)
-            generator.generate(job)
-            return job.timings
-        emit(out, section="served_steps", text_tokens=text, kind="first", seconds=once(run))
-        sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu",
-                                    "--format=csv,noheader,nounits", "-lms", "100"],
-                                   stdout=subprocess.PIPE, text=True)
-        try:
-            timings = [run() for _ in range(3)]
-        finally:
-            sampler.terminate()
-        samples = [[float(v) for v in line.split(",")] for line in sampler.communicate()[0].splitlines()
-                   if line.count(",") == 2]
-        clocks = sorted(c for c, _, _ in samples)
-        emit(out, section="served_steps", text_tokens=text, kind="timed",
-             denoise=[round(t["denoise"], 3) for t in timings], decode=[round(t["decode"], 3) for t in timings],
-             sm_clock_mhz={"min": clocks[0], "median": clocks[len(clocks) // 2], "max": clocks[-1]} if clocks else None,
-             power_w_max=max((p for _, p, _ in samples), default=None))
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            timing = run()
-        # the whole request: preparation and VAE decode included
-        summary = profiled_summary(prof, out / f"trace-served-steps-{text}.json")
-        steps = 1000 * timing["denoise"] / 28
-        emit(out, section="served_steps", text_tokens=text, kind="profiled", denoise_ms_per_step=round(steps, 2),
-             **summary)
+            def run() -> dict:
+                job = GenerationJob(Mode.VARIATION, params, cond)
+                generator.generate(job)
+                return job.timings
+            for graphs in (False, True):
+                generator.step_graphs = StepGraphs(8) if graphs else None
+                row = dict(section="served_steps", variant=variant, text_tokens=text, cuda_graphs=graphs)
+                emit(out, **row, kind="first", seconds=once(run))
+                if graphs:
+                    emit(out, **row, kind="capture", seconds=once(run), captures=generator.step_graphs.captures)
+                sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu",
+                                            "--format=csv,noheader,nounits", "-lms", "100"],
+                                           stdout=subprocess.PIPE, text=True)
+                try:
+                    timings = [run() for _ in range(3)]
+                finally:
+                    sampler.terminate()
+                samples = [[float(v) for v in line.split(",")] for line in sampler.communicate()[0].splitlines()
+                           if line.count(",") == 2]
+                clocks = sorted(c for c, _, _ in samples)
+                emit(out, **row, kind="timed", denoise=[round(t["denoise"], 3) for t in timings],
+                     ms_per_step=round(1000 * sorted(t["denoise"] for t in timings)[1] / 28, 2),
+                     decode=[round(t["decode"], 3) for t in timings],
+                     sm_clock_mhz={"min": clocks[0], "median": clocks[len(clocks) // 2], "max": clocks[-1]}
+                     if clocks else None, power_w_max=max((p for _, p, _ in samples), default=None))
+                if "profiled" in words:
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        timing = run()
+                    # the whole request: preparation and VAE decode included
+                    summary = profiled_summary(prof, out / f"trace-served-steps-{text}.json")
+                    emit(out, **row, kind="profiled", denoise_ms_per_step=round(1000 * timing["denoise"] / 28, 2),
+                         **summary)
+        generator = None
+        torch.cuda.empty_cache()
 
 
 def _generator_start(out: Path, name: str, checkpoints: str, *server_flags: str, python_flags: tuple = (),
@@ -881,6 +898,7 @@ def main() -> None:
     parser.add_argument("--sections", default="peak,attention,png,vae,step,torchao")
     parser.add_argument("--variants", default="eager,regional,fused_qkv,fp8_tensor,fp8_row,flags")
     parser.add_argument("--kernel-variants", default="default,turbo,fused,autotune")
+    parser.add_argument("--served-variants", default="default,turbo")
     parser.add_argument("--budget", type=float, default=540)
     parser.add_argument("--checkpoints", default="/tmp/tiny", help="tokenizers and configs (section shapes)")
     parser.add_argument("--output-code", action="store_true", help="Inductor's generated code on stderr")
@@ -895,9 +913,11 @@ def main() -> None:
             emit(out, section=section, skipped="budget")
             continue
         try:
-            if section in ("shapes", "startup", "restart", "first_request", "served_steps"):
-                {"shapes": shapes, "startup": startup, "restart": restart, "first_request": first_request,
-                 "served_steps": served_steps}[section](out, args.checkpoints)
+            if section in ("shapes", "startup", "restart", "first_request"):
+                {"shapes": shapes, "startup": startup, "restart": restart,
+                 "first_request": first_request}[section](out, args.checkpoints)
+            elif section == "served_steps":
+                served_steps(out, args.checkpoints, args.served_variants.split(","), args.budget)
             elif section == "step":
                 step(out, args.budget, args.variants.split(","))
             elif section == "kernels":
