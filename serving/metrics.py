@@ -42,9 +42,32 @@ class Metrics:
             self.gpu_memory.labels(self.role, kind, str(index)).set_function(
                 lambda reader=reader: float(reader(index)))
 
+    def track_step_graphs(self, graphs) -> None:
+        """The generator's CUDA graphs (step_graphs.StepGraphs): velocity calls captured and
+        replayed, captures that failed, graphs kept."""
+        self.registry.register(_StepGraphCollector(self.role, graphs))
+
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)
 
     def observe_rpc(self, rpc: str, status: str, seconds: float) -> None:
         self.requests.labels(self.role, rpc, status).inc()
         self.duration.labels(self.role, rpc, status).observe(seconds)
+
+
+class _StepGraphCollector:
+    def __init__(self, role: str, graphs):
+        self.role, self.graphs = role, graphs
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        calls = CounterMetricFamily("qwen2vl_flux_step_graphs", "CUDA graphs of the velocity call: captures, "
+                                    "replays and captures that failed", labels=["role", "result"])
+        for result, count in (("captured", self.graphs.captures), ("replayed", self.graphs.replays),
+                              ("failed", len(self.graphs.failed))):
+            calls.add_metric([self.role, result], count)
+        yield calls
+        kept = GaugeMetricFamily("qwen2vl_flux_step_graphs_kept", "CUDA graphs kept", labels=["role"])
+        kept.add_metric([self.role], len(self.graphs.graphs))
+        yield kept

@@ -541,6 +541,8 @@ async def serve(args: argparse.Namespace, role: str, service_name: str,
                 await s.stop(0)
             return 2
         metrics.track_gpu(host.model.device)
+        if getattr(host.model, "step_graphs", None) is not None:
+            metrics.track_step_graphs(host.model.step_graphs)
         await set_health(health_pb2.HealthCheckResponse.SERVING)
         log_event("serving", load_seconds=round(time.perf_counter() - start, 2))
         await stopping.wait()

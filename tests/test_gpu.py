@@ -129,6 +129,10 @@ def test_one_gpu_both_halves(tiny_checkpoints, flags):
             assert runs[0][mode] == runs[1][mode] == runs[2][mode], mode
         events = _step_graph_events(servers["generator"][0])
         assert "step graph failed" not in events and events.count("step graph captured") >= 2, events
+        text = urllib.request.urlopen(f"http://127.0.0.1:{servers['generator'][1]}/metrics", timeout=10).read().decode()
+        counts = dict(re.findall(r'qwen2vl_flux_step_graphs_total\{result="(\w+)",role="generator"\} ([\d.e+]+)', text))
+        assert float(counts["captured"]) == events.count("step graph captured") and float(counts["replayed"]) > 0 \
+            and float(counts["failed"]) == 0, counts
         startup = client.info()["generator"].startup
         assert startup.turbo == bool(flags) and startup.cuda_graphs == 8
         PEAKS["one GPU" + (" turbo" if flags else "")] = {role: _memory(port) for role, (_, port) in servers.items()}
