@@ -11,8 +11,11 @@ ControlNet's modes and scales). It is captured the second request that meets its
 the first: a one-off shape pays nothing for a capture, and a first request is as fast as
 without graphs. Before each replay the step's inputs are copied into the graph's own tensors.
 The graphs share one memory pool (the generator runs one request at a time, so they never run
-at once), and at most `limit` are kept, the least recently used dropped. A capture that fails
-is logged and its key runs as before.
+at once), and at most `limit` are kept, the least recently used dropped. The pool is apart from
+the allocator's cache and keeps the working memory of the largest step captured, even after its
+graph is dropped: with graphs a server needs up to one step's working memory more. A capture
+that fails is logged with its cause and turns graphs off for the process (a failed capture may
+leave CUDA state behind that the next one should not meet); every call then runs as before.
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ class StepGraphs:
         self.limit = limit
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.met: dict[tuple, int] = {}     # key -> the request that first ran it without a graph
-        self.failed: set[tuple] = set()
+        self.failed = 0
         self.request = 0
         self.captures = self.replays = 0
         self._pool = None
@@ -70,8 +73,8 @@ class StepGraphs:
 
     @contextlib.contextmanager
     def unrecorded(self):
-        """Calls that neither replay nor count as meeting a key (the start-up's warm-up runs,
-        whose text length is not a request's)."""
+        """Calls that neither capture nor count as meeting a key (the start-up's warm-up runs,
+        whose text length is not a request's); a key already captured still replays."""
         self._recording = False
         try:
             yield
@@ -84,7 +87,7 @@ class StepGraphs:
         key = (constants, tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in flat))
         entry = self.graphs.get(key)
         if entry is None:
-            if not self._recording or key in self.failed or self.met.setdefault(key, self.request) == self.request:
+            if not self._recording or self.failed or self._meet(key):
                 return call(**inputs)
             entry = self._capture(key, call, inputs, flat)
             if entry is None:
@@ -94,7 +97,14 @@ class StepGraphs:
             torch._foreach_copy_(entry.inputs, [t for _, t in flat])
         entry.graph.replay()
         self.replays += 1
-        return entry.output.clone()   # the caller may keep it past the next replay (step cache, previews)
+        return entry.output.clone()   # the caller's own tensor: the next replay overwrites the graph's
+
+    def _meet(self, key: tuple) -> bool:
+        """Whether this request is the first to meet `key` (which then runs without a graph)."""
+        first = self.met.setdefault(key, self.request) == self.request
+        while len(self.met) > 4096:   # a key per text length: forget the oldest
+            del self.met[next(iter(self.met))]
+        return first
 
     def _capture(self, key: tuple, call, inputs: Inputs, flat) -> _Graph | None:
         start = time.perf_counter()
@@ -102,15 +112,26 @@ class StepGraphs:
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        # Our own stream, entered outside torch.cuda.graph: when a capture fails, that context's
+        # exit raises before it restores the caller's stream; this one restores it regardless.
+        stream, caller = torch.cuda.Stream(), torch.cuda.current_stream()
+        stream.wait_stream(caller)
         try:
-            # thread_local: CUDA calls of the server's other threads (metrics) do not break it
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                output = call(**_rebuild(inputs, statics))
-        except Exception as e:  # noqa: BLE001 - any failure: this key runs without a graph
-            self.failed.add(key)
-            log.warning("step graph failed", extra={"fields": {
-                "error": f"{type(e).__name__}: {e}"[:300], "latents": list(flat[0][1].shape)}})
+            with torch.cuda.stream(stream):
+                # thread_local: the CUDA calls of the server's other threads (a request's
+                # conditioning copied to the GPU while this one runs) do not break the capture
+                with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+                    output = call(**_rebuild(inputs, statics))
+        except Exception as e:  # noqa: BLE001 - any failure: graphs off, every call as before
+            cause = e.__context__ or e   # capture_end's error hides the one that broke the capture
+            self.failed += 1
+            self.graphs.clear()
+            log.warning("step graph failed; CUDA graphs off for this process", extra={"fields": {
+                "error": f"{type(cause).__name__}: {cause}"[:300], "then": f"{type(e).__name__}: {e}"[:200],
+                "latents": list(flat[0][1].shape)}})
             return None
+        finally:
+            caller.wait_stream(stream)
         entry = _Graph(graph, statics, output)
         self.graphs[key] = entry
         while len(self.graphs) > self.limit:

@@ -65,7 +65,7 @@ class _StepGraphCollector:
         calls = CounterMetricFamily("qwen2vl_flux_step_graphs", "CUDA graphs of the velocity call: captures, "
                                     "replays and captures that failed", labels=["role", "result"])
         for result, count in (("captured", self.graphs.captures), ("replayed", self.graphs.replays),
-                              ("failed", len(self.graphs.failed))):
+                              ("failed", self.graphs.failed)):
             calls.add_metric([self.role, result], count)
         yield calls
         kept = GaugeMetricFamily("qwen2vl_flux_step_graphs_kept", "CUDA graphs kept", labels=["role"])
