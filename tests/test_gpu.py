@@ -117,29 +117,41 @@ def _step_graph_events(server) -> list[str]:
             if line["msg"].startswith("step graph")]
 
 
-@pytest.mark.parametrize("flags", [(), ("--turbo", "--step-cache", "fixed:2")], ids=["lossless", "turbo"])
+@pytest.mark.parametrize("flags", [(), ("--cuda-graphs", "8"), ("--turbo", "--step-cache", "fixed:2", "--cuda-graphs", "8")],
+                         ids=["lossless", "lossless-graphs", "turbo-graphs"])
 def test_one_gpu_both_halves(tiny_checkpoints, flags):
-    """Every mode three times: the first meets its shapes, the second captures them as CUDA
-    graphs, the third replays them; the same images each time, bitwise."""
-    servers = _start(tiny_checkpoints, {"encoder": "cuda:0", "generator": "cuda:0"}, (*flags, "--cuda-graphs", "8"))
+    """Every mode; with CUDA graphs three times, the same images each time, bitwise. Modes whose
+    inputs have the same shapes share a key, so in the first pass only the first of them runs
+    without a graph; the ControlNet modes' keys differ from the others' (their maps)."""
+    graphs = "--cuda-graphs" in flags
+    servers = _start(tiny_checkpoints, {"encoder": "cuda:0", "generator": "cuda:0"}, flags)
     try:
         client = Client(servers["encoder"][0].address, servers["generator"][0].address, timeout=600)
-        runs = [_run_every_mode(client) for _ in range(3)]
+        runs = [_run_every_mode(client) for _ in range(3 if graphs else 1)]
         for mode in MODES:
-            assert runs[0][mode] == runs[1][mode] == runs[2][mode], mode
+            assert all(run[mode] == runs[0][mode] for run in runs), mode
         events = _step_graph_events(servers["generator"][0])
-        assert "step graph failed" not in events and events.count("step graph captured") >= 2, events
-        text = urllib.request.urlopen(f"http://127.0.0.1:{servers['generator'][1]}/metrics", timeout=10).read().decode()
-        counts = dict(re.findall(r'qwen2vl_flux_step_graphs_total\{result="(\w+)",role="generator"\} ([\d.e+]+)', text))
-        assert float(counts["captured"]) == events.count("step graph captured") and float(counts["replayed"]) > 0 \
-            and float(counts["failed"]) == 0, counts
-        startup = client.info()["generator"].startup
-        assert startup.turbo == bool(flags) and startup.cuda_graphs == 8
-        PEAKS["one GPU" + (" turbo" if flags else "")] = {role: _memory(port) for role, (_, port) in servers.items()}
+        if graphs:
+            _check_graph_events(servers["generator"], events, "--turbo" in flags, client)
+        else:
+            assert not events and client.info()["generator"].startup.cuda_graphs == 0
+        PEAKS["one GPU" + (" graphs" if graphs else "") + (" turbo" if "--turbo" in flags else "")] = {
+            role: _memory(port) for role, (_, port) in servers.items()}
     finally:
         for server, _ in servers.values():
             server.stop()
     print("\nPEAK", json.dumps(PEAKS))
+
+
+def _check_graph_events(generator, events: list[str], turbo: bool, client: Client) -> None:
+    """Captures logged and none failed, as the generator's metrics and GetInfo say too."""
+    assert not any("failed" in e for e in events) and events.count("step graph captured") >= 2, events
+    text = urllib.request.urlopen(f"http://127.0.0.1:{generator[1]}/metrics", timeout=10).read().decode()
+    counts = dict(re.findall(r'qwen2vl_flux_step_graphs_total\{result="(\w+)",role="generator"\} ([\d.e+]+)', text))
+    assert float(counts["captured"]) == events.count("step graph captured") and float(counts["replayed"]) > 0 \
+        and float(counts["failed"]) == 0, counts
+    startup = client.info()["generator"].startup
+    assert startup.turbo == turbo and startup.cuda_graphs == 8
 
 
 def test_one_gpu_compiled_turbo_restarts_on_its_compile_cache(tiny_checkpoints, tmp_path):
@@ -175,9 +187,10 @@ def test_one_gpu_compiled_turbo_restarts_on_its_compile_cache(tiny_checkpoints, 
 def test_step_graphs_replay_the_compiled_steps_bitwise(tiny_checkpoints):
     """The compiled generator (modulation rows ahead, precompiled blocks) with CUDA graphs: a
     variation and a ControlNet request paint what they paint without graphs, bitwise, on the
-    request that meets a shape, the one that captures it and the one that replays it. One graph
-    kept: the ControlNet's (its maps' modes and scales in its key) evicts the variation's, which
-    a later request captures again."""
+    request that meets a shape, the one that captures it and the one that replays it, and a
+    replayed request with other inputs of the same shapes (seed, embeddings, guidance) paints
+    its own image. One graph kept: the ControlNet's (its maps' modes and scales in its key)
+    evicts the variation's, which a later request captures again."""
     from qwen2vl_flux.client.modes import Mode, resolve_parameters
     from qwen2vl_flux.generator_server.pipeline import Conditioning, FluxGenerator, GenerationJob, SpeedOptions
 
@@ -186,35 +199,67 @@ def test_step_graphs_replay_the_compiled_steps_bitwise(tiny_checkpoints):
         generator.optimize(SpeedOptions(compile=True, attention="_native_cudnn", cuda_graphs=1))
         graphs, cfg = generator.step_graphs, generator.fingerprint
         torch.manual_seed(0)
-        tokens = torch.randn(1, 320, cfg.joint_attention_dim, device="cuda", dtype=torch.bfloat16)
-        cond = Conditioning({"a": tokens, "b": tokens}, torch.randn(1, 256, cfg.inner_dim, device="cuda",
-                                                                     dtype=torch.bfloat16),
-                            torch.randn(1, cfg.pooled_dim, device="cuda", dtype=torch.bfloat16))
+
+        def conditioning() -> Conditioning:
+            tokens = torch.randn(1, 320, cfg.joint_attention_dim, device="cuda", dtype=torch.bfloat16)
+            return Conditioning({"a": tokens, "b": tokens.flip(1)},
+                                torch.randn(1, 256, cfg.inner_dim, device="cuda", dtype=torch.bfloat16),
+                                torch.randn(1, cfg.pooled_dim, device="cuda", dtype=torch.bfloat16))
+        cond, other = conditioning(), conditioning()
         picture = PICTURE.resize((512, 512))
         jobs = {"variation": (Mode.VARIATION, {"aspect_ratio": "1:1"}), "controlnet": (Mode.CONTROLNET, {})}
 
-        def paint(name: str) -> bytes:
+        def paint(name: str, seed: int = 3, conditioning: Conditioning = cond, guidance: float = 3.5) -> bytes:
             mode, extra = jobs[name]
-            params, _ = resolve_parameters(mode, {"seed": 3, "steps": 3, **extra})
-            job = GenerationJob(mode, params, cond, init_image=picture, control_maps={"depth": picture, "line": picture})
+            params, _ = resolve_parameters(mode, {"seed": seed, "steps": 3, "guidance": guidance, **extra})
+            job = GenerationJob(mode, params, conditioning, init_image=picture,
+                                control_maps={"depth": picture, "line": picture.rotate(90)})
             return b"".join(im.tobytes() for im in generator.generate(job))
 
         generator.step_graphs = None
         plain = {name: paint(name) for name in jobs}
+        plain_other = paint("controlnet", 4, other, 5.0)
+        assert plain_other != plain["controlnet"]
         generator.step_graphs = graphs
         for name in jobs:
             captures = graphs.captures
             assert paint(name) == plain[name], name            # meets its shape
             assert graphs.captures == captures
-            assert paint(name) == plain[name], name            # captures
-            assert graphs.captures == captures + 1 and len(graphs.graphs) == 1
+            replays = graphs.replays
+            assert paint(name) == plain[name], name            # captures (then replays each step)
+            calls = graphs.replays - replays                   # 3 steps; the ControlNet's strength runs 2
+            assert graphs.captures == captures + 1 and len(graphs.graphs) == 1 and calls >= 2
             replays = graphs.replays
             assert paint(name) == plain[name], name            # replays
-            assert graphs.captures == captures + 1 and graphs.replays == replays + 3
+            assert graphs.captures == captures + 1 and graphs.replays == replays + calls
+        assert paint("controlnet", 4, other, 5.0) == plain_other     # replayed on other inputs
         assert paint("variation") == plain["variation"] and graphs.captures == 3 and not graphs.failed
     finally:
         generator = None
         torch.cuda.empty_cache()
+
+
+def test_a_failed_step_graph_capture_turns_graphs_off_and_leaves_the_stream_as_it_was():
+    """A call that syncs with the host cannot be captured: its result comes from a plain call,
+    the caller is back on its own stream, graphs are off for the process, and later calls
+    compute what they compute without graphs."""
+    from qwen2vl_flux.generator_server.step_graphs import StepGraphs
+
+    graphs, stream = StepGraphs(2), torch.cuda.current_stream()
+
+    def call(x):
+        return x * float(x.sum().item())   # .item() waits for the GPU: illegal while capturing
+
+    x = torch.arange(6.0, device="cuda")
+    graphs.new_request()
+    assert torch.equal(graphs.run(call, (), {"x": x}), call(x)) and graphs.captures == 0
+    graphs.new_request()
+    assert torch.equal(graphs.run(call, (), {"x": x}), call(x))   # the capture fails; a plain call answers
+    assert graphs.failed == 1 and not graphs.graphs and torch.cuda.current_stream() == stream
+    graphs.new_request()
+    y = x + 1
+    assert torch.equal(graphs.run(call, (), {"x": y}), call(y)) and graphs.captures == 0
+    assert torch.equal((y @ y).cpu(), torch.tensor(float(sum((i + 1) ** 2 for i in range(6)))))
 
 
 def test_fused_products_at_a_single_blocks_shapes_are_the_stock_layers_to_rounding():
