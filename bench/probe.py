@@ -811,7 +811,8 @@ def served_steps(out: Path, checkpoints: str, variants: list[str], deadline: flo
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                         timing = run()
                     # the whole request: preparation and VAE decode included
-                    summary = profiled_summary(prof, out / f"trace-served-steps-{text}.json")
+                    name = f"trace-served-steps-{variant.replace('+', '_')}-{text}{'-graphs' if graphs else ''}.json"
+                    summary = profiled_summary(prof, out / name)
                     emit(out, **row, kind="profiled", denoise_ms_per_step=round(1000 * timing["denoise"] / 28, 2),
                          **summary)
         generator = None

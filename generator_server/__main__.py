@@ -38,8 +38,9 @@ def _extra_args(parser):
                         help="reuse the last velocity on some steps (images change): a first-block cache "
                              "threshold such as 0.08, or fixed:K (first 4 and last 2 steps run, then one in K)")
     parser.add_argument("--cuda-graphs", type=_graph_limit, default=0, metavar="N",
-                        help="replay each step as a CUDA graph, one per input shape, captured the second request "
-                             "that meets the shape, at most N kept (needs CUDA; not with --step-cache THRESHOLD; "
+                        help="replay each step as a CUDA graph, one per input shape and ControlNet setting, "
+                             "captured the second request that meets it, at most N kept; their memory pool keeps "
+                             "up to one step's working memory more (needs CUDA; not with --step-cache THRESHOLD; "
                              "default 0: off)")
     parser.add_argument("--warm-up", default=None, metavar="MODES",
                         help="modes run once at 1024x1024 before SERVING (default with --compile: "
