@@ -6,6 +6,7 @@ points a user runs. Needs the server extra installed (torch, transformers, diffu
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -110,6 +111,11 @@ class ServerProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return ""
+
+    def log_records(self) -> list[dict]:
+        """The JSON log lines written so far (the servers' default --log-format), parsed."""
+        return [json.loads(line) for line in self.log_path.read_text(errors="replace").splitlines()
+                if line.startswith("{")]
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, then SIGKILL if it has not exited within `timeout`."""

@@ -109,16 +109,17 @@ class ModulationSchedule:
         if self.first is None or not self.first <= step < self.first + self.chunk:
             self._compute(step)
         offset = (step - self.first) * self.count
-        buffers, rows = [], []
+        buffers, sources = [], []
         for (_, blocks), tables in zip(self.models, self.tables):
             for block, table in zip(blocks, tables):
-                block.modulation_rows = table[offset:offset + self.count]
+                rows = table[offset:offset + self.count]
                 if self.fixed_addresses:
-                    buffers.append(_buffer(block, block.modulation_rows))
-                    rows.append(block.modulation_rows)
-                    block.modulation_rows = buffers[-1]
+                    sources.append(rows)
+                    rows = _buffer(block, rows)
+                    buffers.append(rows)
+                block.modulation_rows = rows
         if buffers:
-            torch._foreach_copy_(buffers, rows)
+            torch._foreach_copy_(buffers, sources)
 
     def release(self) -> None:
         """Take the rows back from the blocks (and free the tables): a call outside a schedule

@@ -415,15 +415,11 @@ def _slow_variation(gw: Gateway, request_id: str, sdk=None):
     return future
 
 
-def _generator_log(server: ServerProcess) -> list[dict]:
-    return [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
-
-
 def _wait_for_stopped(server: ServerProcess, request_id: str, timeout: float = 30) -> None:
     """The generator's model thread logs this when the denoise loop stopped for a cancelled call."""
     deadline = time.monotonic() + timeout
     while not any(e.get("msg") == "generation stopped" and e.get("request_id") == request_id
-                  for e in _generator_log(server)):
+                  for e in server.log_records()):
         assert time.monotonic() < deadline, server.log_tail()
         time.sleep(0.1)
 

@@ -112,9 +112,7 @@ def test_two_gpus_every_mode_each_process_on_its_own_gpu(tiny_checkpoints):
 
 
 def _step_graph_events(server) -> list[str]:
-    return [line["msg"] for line in map(json.loads, filter(lambda l: l.startswith("{"),
-                                                           server.log_path.read_text().splitlines()))
-            if line["msg"].startswith("step graph")]
+    return [line["msg"] for line in server.log_records() if line["msg"].startswith("step graph")]
 
 
 @pytest.mark.parametrize("flags", [(), ("--cuda-graphs", "8"), ("--turbo", "--step-cache", "fixed:2", "--cuda-graphs", "8")],

@@ -404,7 +404,7 @@ def test_generator_starts_and_serves_with_a_corrupt_compile_cache(tiny_checkpoin
         assert startup.compiled and startup.phase_seconds["weights"] > 0 and startup.phase_seconds["imports"] > 0
     finally:
         server.stop()
-    lines = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
+    lines = server.log_records()
     ignored = [line for line in lines if line["msg"] == "compile cache ignored"]
     assert ignored and cache.key == ignored[0]["key"] and "checksum" in ignored[0]["reason"]
     assert any(line["msg"] == "weights loaded" and line["seconds"] > 0 for line in lines)
@@ -425,7 +425,7 @@ def test_generator_restart_loads_its_precompiled_blocks_from_the_compile_cache(t
                 startup = stub.GetInfo(pb.GetInfoRequest(), timeout=60).startup
         finally:
             server.stop()
-        lines = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
+        lines = server.log_records()
         return startup, next(line for line in lines if line["msg"] == "warm-up done"), lines
 
     startup, done, _ = start(1)
